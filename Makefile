@@ -1,0 +1,50 @@
+# Developer entry points. `make demo` and `make test` work on a fresh machine: they create
+# .venv with torch (the CUDA 13 build, so the CUDA kernels compile where nvcc exists),
+# build the extension in place and run. Use PYTHON=/path/to/python to build against a
+# torch you already have instead.
+
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1
+BUILD_DIR ?= build/dev
+JOBS ?= $(shell nproc)
+CMAKE_ARGS ?=
+PYTEST_ARGS ?=
+
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: env build test demo wheel lint bench-cpp clean
+
+env: $(PYTHON)
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade pip
+	$(VENV)/bin/pip install "$(TORCH_SPEC)" numpy pytest safetensors ruff \
+		"scikit-build-core>=0.10" pybind11 ninja "cmake>=3.25"
+
+# In-place build: the extension lands in python/mmfree_ext/, used with PYTHONPATH=python.
+build: env
+	cmake -S . -B $(BUILD_DIR) -G Ninja -DPython_EXECUTABLE=$(abspath $(PYTHON)) \
+		-DMMFREE_COPY_TO_SOURCE=ON -DMMFREE_BUILD_BENCHMARKS=ON $(CMAKE_ARGS)
+	cmake --build $(BUILD_DIR) -j $(JOBS)
+
+test: build
+	PYTHONPATH=python $(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+demo: build
+	PYTHONPATH=python $(PYTHON) -m mmfree_ext demo
+
+lint: env
+	$(PYTHON) -m ruff check python tests benchmarks
+	$(PYTHON) -m ruff format --check python tests benchmarks
+
+# The installable wheel, built against the torch in $(PYTHON).
+wheel: env
+	$(PYTHON) -m pip wheel --no-build-isolation --no-deps -w dist .
+
+bench-cpp: build
+	@ls $(BUILD_DIR)/benchmarks/cpp/bench_* 2>/dev/null || echo "no C++ benchmarks built"
+
+clean:
+	rm -rf build dist python/mmfree_ext/_C*.so

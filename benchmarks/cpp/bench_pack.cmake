@@ -1,0 +1,1 @@
+mmfree_add_benchmark(bench_pack bench_pack.cpp)

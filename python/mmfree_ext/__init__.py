@@ -1,0 +1,27 @@
+"""mmfree-ext: kernels and a model layer for MatMul-free language models.
+
+Importing the package loads the native extension, which registers the custom ops
+``torch.ops.mmfree.*`` (CPU and, where built, CUDA), and registers their fake kernels
+and autograd formulas. The typed wrappers live in :mod:`mmfree_ext.ops`; a plain-PyTorch
+implementation of everything is in :mod:`mmfree_ext.reference`.
+"""
+
+from __future__ import annotations
+
+from . import ops
+from ._native import build_info, cpu_features, cpu_isa, cuda_available, set_cpu_isa
+from .ops import quantize_ternary, unpack_ternary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "build_info",
+    "cpu_features",
+    "cpu_isa",
+    "cuda_available",
+    "ops",
+    "quantize_ternary",
+    "set_cpu_isa",
+    "unpack_ternary",
+]
