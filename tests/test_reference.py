@@ -138,9 +138,7 @@ def test_rms_norm_swish_gate_order_and_values():
     h = torch.tensor([[0.0, 1.0, -1.0, 10.0]])
     w = torch.tensor([1.0, 2.0, 3.0, 4.0])
     out = ref.rms_norm_swish_gate(g, h, w, eps=0.0)
-    expected = torch.tensor(
-        [[1 * 1 * _silu(0.0), -1 * 2 * _silu(1.0), 1 * 3 * _silu(-1.0), -1 * 4 * _silu(10.0)]]
-    )
+    expected = torch.tensor([[1 * 1 * _silu(0.0), -1 * 2 * _silu(1.0), 1 * 3 * _silu(-1.0), -1 * 4 * _silu(10.0)]])
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
     out_bf = ref.rms_norm_swish_gate(g.bfloat16(), h.bfloat16(), w, eps=0.0)
     assert out_bf.dtype == torch.bfloat16
@@ -423,9 +421,7 @@ def test_mlgru_scan_varlen_equals_separate_calls():
         if hi == lo:
             assert torch.equal(h_last[s], h0[s])
             continue
-        hs, ls = ref.mlgru_scan(
-            i[:, lo:hi], f[:, lo:hi], lower_bound=lb, h0=h0[s : s + 1], mask=mask[:, lo:hi]
-        )
+        hs, ls = ref.mlgru_scan(i[:, lo:hi], f[:, lo:hi], lower_bound=lb, h0=h0[s : s + 1], mask=mask[:, lo:hi])
         assert torch.equal(h[:, lo:hi], hs) and torch.equal(h_last[s : s + 1], ls)
     _, zero_last = ref.mlgru_scan(i, f, cu_seqlens=cu)
     assert torch.equal(zero_last[1], torch.zeros(d))

@@ -146,9 +146,7 @@ def rms_norm_quant(x: Tensor, weight: Tensor, eps: float = 1e-6) -> tuple[Tensor
     return quantize_activation(_normalize(x.float(), weight, eps))
 
 
-def rms_norm_quant_multi(
-    x: Tensor, weights: Sequence[Tensor], eps: float = 1e-6
-) -> list[tuple[Tensor, Tensor]]:
+def rms_norm_quant_multi(x: Tensor, weights: Sequence[Tensor], eps: float = 1e-6) -> list[tuple[Tensor, Tensor]]:
     """:func:`rms_norm_quant` for several norm weights sharing one input.
 
     The MLGRU's i/f/g projections each own a norm weight but read the same ``a``; the
@@ -226,8 +224,7 @@ def unpack_ternary(packed: Tensor, in_features: int) -> Tensor:
     n, row_bytes = packed.shape
     if row_bytes != packed_row_bytes(in_features):
         raise ValueError(
-            f"packed row has {row_bytes} bytes, expected {packed_row_bytes(in_features)} "
-            f"for in_features={in_features}"
+            f"packed row has {row_bytes} bytes, expected {packed_row_bytes(in_features)} for in_features={in_features}"
         )
     nb = row_bytes // PACK_BLOCK_BYTES
     p = packed.to(torch.int32).view(n, nb, 1, PACK_BLOCK_BYTES)
@@ -322,9 +319,7 @@ def bit_linear(x: Tensor, weight: Tensor, norm_weight: Tensor, eps: float = 1e-6
     return y.to(x.dtype).reshape(*lead, weight.shape[0])
 
 
-def bit_linear_packed(
-    x: Tensor, packed: Tensor, w_scale: Tensor, norm_weight: Tensor, eps: float = 1e-6
-) -> Tensor:
+def bit_linear_packed(x: Tensor, packed: Tensor, w_scale: Tensor, norm_weight: Tensor, eps: float = 1e-6) -> Tensor:
     """Inference BitLinear on packed ternary weights; output in x's dtype, any leading shape."""
     x_q, x_scale = rms_norm_quant(x, norm_weight, eps)
     return ternary_matmul(x_q, x_scale, packed, w_scale, x.shape[-1], out_dtype=x.dtype)
@@ -447,11 +442,7 @@ class ReferenceConfig:
         """Build from a ReferenceConfig, a mapping, or any object with those attributes."""
         if isinstance(cfg, cls):
             return cfg
-        get = (
-            (lambda k, d=None: cfg.get(k, d))
-            if isinstance(cfg, Mapping)
-            else (lambda k, d=None: getattr(cfg, k, d))
-        )
+        get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
         return cls(
             vocab_size=int(get("vocab_size")),
             hidden_size=int(get("hidden_size")),

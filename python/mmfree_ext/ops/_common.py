@@ -16,12 +16,8 @@ def packed_row_bytes(in_features: int) -> int:
 
 def check_packed_shape(packed: torch.Tensor, in_features: int) -> None:
     """Fake-kernel check that ``packed`` matches ``in_features`` (mirrors the C++ check)."""
-    torch._check(
-        packed.dtype == torch.uint8, lambda: f"mmfree: argument 'packed' must be uint8, got {packed.dtype}"
-    )
-    torch._check(
-        packed.dim() == 2, lambda: f"mmfree: argument 'packed' must be 2-D, got {tuple(packed.shape)}"
-    )
+    torch._check(packed.dtype == torch.uint8, lambda: f"mmfree: argument 'packed' must be uint8, got {packed.dtype}")
+    torch._check(packed.dim() == 2, lambda: f"mmfree: argument 'packed' must be 2-D, got {tuple(packed.shape)}")
     torch._check(in_features >= 1, lambda: f"mmfree: argument 'in_features' must be >= 1, got {in_features}")
     torch._check(
         packed.shape[1] == packed_row_bytes(in_features),

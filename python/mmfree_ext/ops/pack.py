@@ -25,9 +25,7 @@ def unpack_ternary(packed: torch.Tensor, in_features: int) -> torch.Tensor:
 
 @torch.library.register_fake("mmfree::quantize_ternary")
 def _quantize_ternary_fake(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    torch._check(
-        weight.dim() == 2, lambda: f"mmfree: argument 'weight' must be 2-D, got {tuple(weight.shape)}"
-    )
+    torch._check(weight.dim() == 2, lambda: f"mmfree: argument 'weight' must be 2-D, got {tuple(weight.shape)}")
     torch._check(
         weight.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64),
         lambda: f"mmfree: argument 'weight' must be a floating tensor, got {weight.dtype}",
