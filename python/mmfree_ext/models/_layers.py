@@ -1,0 +1,96 @@
+"""The one place where the model layer calls the mmfree ops.
+
+Every compute step of :class:`~mmfree_ext.models.modeling.MMfreeLMForCausalLM` goes through a
+function here, so the model file reads as the math of SPEC section 2 and the op signatures
+live in one spot. Two paths:
+
+* training / latent weights: BitLinear's ``ternary_linear`` (STE autograd) and ``mlgru_scan``
+  (autograd); the plain RMSNorms and the output gate are written in differentiable torch with
+  fp32 statistics (the same formula as the ops, which carry no autograd);
+* inference / packed weights: fused RMSNorm + int8 quantization feeding ``ternary_matmul``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+mm = torch.ops.mmfree
+
+
+# ----------------------------------------------------------------------------------------
+# Training path (differentiable)
+# ----------------------------------------------------------------------------------------
+
+
+def rms_norm_train(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Differentiable RMSNorm, fp32 statistics, ``(x * rstd) * w`` in fp32, output in x's dtype."""
+    xf = x.float()
+    rstd = torch.rsqrt((xf * xf).sum(dim=-1, keepdim=True) / x.shape[-1] + eps)
+    return ((xf * rstd) * weight.float()).to(x.dtype)
+
+
+def swish_gate_train(g: Tensor, h: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Differentiable MLGRU output gate ``RMSNorm(g) * w * silu(h)`` (fp32 inside, g's dtype out)."""
+    gf = g.float()
+    rstd = torch.rsqrt((gf * gf).sum(dim=-1, keepdim=True) / g.shape[-1] + eps)
+    return (((gf * rstd) * weight.float()) * F.silu(h.float())).to(g.dtype)
+
+
+def bit_linear_train(x: Tensor, weight: Tensor, norm_weight: Tensor, eps: float) -> Tensor:
+    """BitLinear on latent weights (quantized forward, straight-through backward)."""
+    return mm.ternary_linear(x, weight, norm_weight, eps)
+
+
+def mlgru_scan(
+    i: Tensor,
+    f: Tensor,
+    lower_bound: Tensor | None,
+    h0: Tensor | None,
+    mask: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """MLGRU recurrence (returns ``h [B, T, D]`` and the fp32 state ``h_last [B, D]``)."""
+    return mm.mlgru_scan(i, f, lower_bound, h0, mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Inference path (packed weights, fused quantization)
+# ----------------------------------------------------------------------------------------
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(RMSNorm(x + residual), x + residual)``; the sum is what the next residual add reads."""
+    return mm.rms_norm(x, weight, eps, residual)
+
+
+def rms_norm_quant(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """RMSNorm then per-row int8 quantization: ``(x_q int8, x_scale fp32)``."""
+    return mm.rms_norm_quant(x, weight, eps)
+
+
+def rms_norm_quant_multi(x: Tensor, weights: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """:func:`rms_norm_quant` for ``P`` norm weights ``[P, K]`` sharing one rstd: ``[P, ..]`` outputs."""
+    return mm.rms_norm_quant_multi(x, weights, eps)
+
+
+def swish_gate_quant(
+    g: Tensor, h: Tensor, weight: Tensor, eps: float, norm_weight: Tensor, norm_eps: float
+) -> tuple[Tensor, Tensor]:
+    """MLGRU output gate fused with the o_proj's input RMSNorm and int8 quantization."""
+    return mm.rms_norm_swish_gate_quant(g, h, weight, eps, norm_weight, norm_eps)
+
+
+def ternary_matmul(x_q: Tensor, x_scale: Tensor, packed: Tensor, w_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """``(acc * x_scale[row]) * w_scale`` with ``acc = x_q @ W_q^T`` exact in int32."""
+    return mm.ternary_matmul(x_q, x_scale, packed, w_scale, out_dtype)
+
+
+def bit_linear_packed(x: Tensor, packed: Tensor, w_scale: Tensor, norm_weight: Tensor, eps: float) -> Tensor:
+    """Inference BitLinear on packed 2-bit weights, output in x's dtype."""
+    return mm.ternary_linear_packed(x, packed, w_scale, norm_weight, eps)
+
+
+def quantize_ternary(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Ternarize + pack a latent weight: ``(packed uint8, w_scale 0-dim fp32)``."""
+    return mm.quantize_ternary(weight)

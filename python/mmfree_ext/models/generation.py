@@ -1,0 +1,261 @@
+"""Text generation with a constant-size recurrent state.
+
+MMfreeLM keeps one fp32 vector of ``h`` floats per layer and sequence (``[L, B, h]``), so a
+decode step costs the same at any context length. Prompts of different lengths are
+left-padded and masked: a padded position adds nothing to the state (``c = 0``) and the state
+starts at zero, so each sequence gets exactly what it would get alone. The decode step runs
+eagerly, under a CUDA graph captured once per batch size (static token / state buffers), or
+through ``torch.compile(mode="reduce-overhead")``.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .modeling import MMfreeLMForCausalLM
+
+__all__ = ["DECODE_MODES", "Decoder", "GenerationResult", "generate", "sample_next"]
+
+DECODE_MODES = ("auto", "eager", "cuda_graph", "compile")
+
+
+# ----------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------
+
+
+def sample_next(
+    logits: Tensor,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Next token per row of ``logits [B, V]``: argmax when ``temperature <= 0``, else a draw
+    from softmax(logits / temperature) restricted to the ``top_k`` largest and to the smallest
+    set whose probability reaches ``top_p`` (nucleus). Returns int64 ``[B]``."""
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / temperature
+    vocab = scores.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above
+        drop = before >= top_p  # the top token always stays (its "before" is 0)
+        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------
+# Decode step runners
+# ----------------------------------------------------------------------------------------
+
+
+class _CudaGraphStep:
+    """One decode step captured as a CUDA graph for a fixed batch size.
+
+    Static buffers: ``ids [B, 1]`` and ``state [L, B, h]``; replay reads both, writes the new
+    state back into ``state`` and the logits into ``logits [B, V]``.
+    """
+
+    def __init__(self, model: MMfreeLMForCausalLM, batch_size: int) -> None:
+        dev = model.device
+        self.ids = torch.zeros((batch_size, 1), dtype=torch.long, device=dev)
+        self.state = model.empty_state(batch_size)
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(3):  # warm-up: lazy inits and allocator pools happen outside capture
+                model(self.ids, self.state)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            out = model(self.ids, self.state)
+            self.state.copy_(out.state)
+            self.logits = out.logits[:, 0]
+        self.state.zero_()
+
+    def __call__(self, ids: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+        self.ids.copy_(ids.view(-1, 1))
+        if state is not None and state.data_ptr() != self.state.data_ptr():
+            self.state.copy_(state)
+        self.graph.replay()
+        return self.logits, self.state
+
+
+# Graphs captured per model and batch size (dropped with the model).
+_GRAPHS: weakref.WeakKeyDictionary[MMfreeLMForCausalLM, dict[tuple, _CudaGraphStep]] = weakref.WeakKeyDictionary()
+_COMPILED: weakref.WeakKeyDictionary[MMfreeLMForCausalLM, Callable] = weakref.WeakKeyDictionary()
+
+
+def _resolve_mode(mode: str, device: torch.device) -> str:
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
+    if mode == "auto":
+        return "cuda_graph" if device.type == "cuda" else "eager"
+    if mode in ("cuda_graph", "compile") and device.type != "cuda":
+        raise ValueError(f"decode mode {mode!r} needs a CUDA model (this one is on {device})")
+    return mode
+
+
+class Decoder:
+    """Runs prefill and decode steps for one batch, keeping the recurrent state.
+
+    ``prefill(ids, mask)`` returns the last position's logits ``[B, V]``; ``step(tokens [B])``
+    feeds one token per sequence and returns the next logits ``[B, V]``.
+    """
+
+    def __init__(self, model: MMfreeLMForCausalLM, batch_size: int, mode: str = "auto") -> None:
+        self.model = model
+        self.batch_size = batch_size
+        self.mode = _resolve_mode(mode, model.device)
+        self.state: Tensor | None = None
+        self._graph: _CudaGraphStep | None = None
+        if self.mode == "cuda_graph":
+            key = (batch_size, model.dtype, str(model.device))
+            graphs = _GRAPHS.setdefault(model, {})
+            if key not in graphs:
+                graphs[key] = _CudaGraphStep(model, batch_size)
+            self._graph = graphs[key]
+        elif self.mode == "compile" and model not in _COMPILED:
+            _COMPILED[model] = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+
+    @torch.no_grad()
+    def prefill(self, ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        out = self.model(ids, None, attention_mask, logits_to_keep=1)
+        self.state = out.state
+        if self._graph is not None:
+            self._graph.state.copy_(out.state)
+            self.state = self._graph.state
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor) -> Tensor:
+        if self._graph is not None:
+            logits, self.state = self._graph(tokens, self.state)
+            return logits
+        if self.mode == "compile":
+            out = _COMPILED[self.model](tokens.view(-1, 1), self.state)
+            # reduce-overhead graphs reuse their output memory on the next call
+            self.state = out.state.clone()
+            return out.logits[:, 0].clone()
+        out = self.model(tokens.view(-1, 1), self.state)
+        self.state = out.state
+        return out.logits[:, 0]
+
+
+# ----------------------------------------------------------------------------------------
+# The generation loop
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationResult:
+    """New tokens per sequence (stop tokens excluded) and timings (seconds)."""
+
+    tokens: list[list[int]]
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+    batch_size: int
+    stopped: list[bool] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Decode throughput: batch_size * steps / decode time (every sequence gets a token per step)."""
+        return self.batch_size * self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    lengths = [len(p) for p in prompts]
+    if not prompts or min(lengths) < 1:
+        raise ValueError("every prompt needs at least one token")
+    t_max = max(lengths)
+    ids = torch.full((len(prompts), t_max), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), t_max), dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        ids[b, t_max - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[b, t_max - len(p) :] = True
+    if min(lengths) == t_max:
+        return ids.to(device), None
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(
+    model: MMfreeLMForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_tokens: Sequence[int] = (),
+    on_token: Callable[[int, int], None] | None = None,
+    decode_mode: str = "auto",
+    pad_token_id: int = 0,
+) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` for each prompt (lists of token ids, any lengths).
+
+    Greedy when ``temperature <= 0``; otherwise sampling with ``top_k`` / ``top_p`` from a
+    ``torch.Generator`` seeded with ``seed``. A sequence stops after emitting one of
+    ``stop_tokens`` (not included in its output); the loop ends when all have stopped.
+    ``on_token(batch_index, token_id)`` is called for every new token as it is produced.
+    """
+    device = model.device
+    batch = len(prompts)
+    ids, mask = _left_pad(prompts, pad_token_id, device)
+    generator = None
+    if temperature > 0.0:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+    stop = set(int(t) for t in stop_tokens)
+    decoder = Decoder(model, batch, decode_mode)
+    out_tokens: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+
+    def accept(next_ids: Tensor) -> None:
+        for b, tok in enumerate(next_ids.tolist()):
+            if done[b]:
+                continue
+            if tok in stop:
+                done[b] = True
+                continue
+            out_tokens[b].append(tok)
+            if on_token is not None:
+                on_token(b, tok)
+
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = decoder.prefill(ids, mask)
+    next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+    accept(next_ids)
+    _sync(device)
+    t1 = time.perf_counter()
+    steps = 0
+    while steps + 1 < max_new_tokens and not all(done):
+        logits = decoder.step(next_ids)
+        next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+        accept(next_ids)
+        steps += 1
+    _sync(device)
+    t2 = time.perf_counter()
+    return GenerationResult(out_tokens, t1 - t0, t2 - t1, steps, batch, done)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

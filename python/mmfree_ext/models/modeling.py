@@ -1,0 +1,291 @@
+"""MMfreeLM (HGRNBitForCausalLM) built from the mmfree ops.
+
+Module structure and ``state_dict`` keys are those of the paper's checkpoints (SPEC
+section 3, the same as :class:`mmfree_ext.reference.ReferenceMMfreeLM`). A model starts with
+latent float weights (trainable: BitLinear's ternary_linear and mlgru_scan carry autograd);
+:meth:`MMfreeLMForCausalLM.pack` turns every BitLinear into 2-bit packed weights, after which
+the forward runs the fused inference ops (one shared RMSNorm + int8 quantization for the
+i/f/g projections, the output gate fused with o_proj's quantization, ternary_matmul).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import nn as mnn
+from ..reference import lower_bounds_to_layer_lb
+from . import _layers as L
+from .config import MMfreeLMConfig
+
+__all__ = ["MMfreeLMForCausalLM", "MMfreeLMOutput", "model_memory_bytes", "pack_model"]
+
+
+class MMfreeLMOutput(NamedTuple):
+    """``logits`` fp32 ``[B, T', V]`` (T' = T or the last ``logits_to_keep``), and the new
+    recurrent ``state`` fp32 ``[L, B, h]`` (one MLGRU hidden vector per layer and sequence)."""
+
+    logits: Tensor
+    state: Tensor
+
+
+def _is_packed(module: nn.Module) -> bool:
+    return isinstance(module, mnn.PackedBitLinear)
+
+
+class MLGRU(nn.Module):
+    """Token mixer (HGRNBitAttention: num_heads 1, expand_ratio 1, no short conv)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.i_proj = mnn.BitLinear(hidden_size, hidden_size, bias=False, eps=eps)
+        self.f_proj = mnn.BitLinear(hidden_size, hidden_size, bias=False, eps=eps)
+        self.g_proj = mnn.BitLinear(hidden_size, hidden_size, bias=False, eps=eps)
+        self.o_proj = mnn.BitLinear(hidden_size, hidden_size, bias=False, eps=eps)
+        self.g_norm = mnn.RMSNorm(hidden_size, eps=eps)
+
+    def forward(
+        self, a: Tensor, lower_bound: Tensor | None, h0: Tensor | None, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        eps = self.eps
+        if _is_packed(self.i_proj):
+            # i, f, g read the same normalized input: one rstd, three norm weights.
+            norms = torch.stack([self.i_proj.norm.weight, self.f_proj.norm.weight, self.g_proj.norm.weight])
+            x_q, x_scale = L.rms_norm_quant_multi(a, norms, eps)
+            i, f, g = (
+                L.ternary_matmul(x_q[p], x_scale[p], proj.packed, proj.w_scale, a.dtype)
+                for p, proj in enumerate((self.i_proj, self.f_proj, self.g_proj))
+            )
+            h, h_last = L.mlgru_scan(i, f, lower_bound, h0, mask)
+            o_q, o_scale = L.swish_gate_quant(g, h, self.g_norm.weight, eps, self.o_proj.norm.weight, eps)
+            return L.ternary_matmul(o_q, o_scale, self.o_proj.packed, self.o_proj.w_scale, a.dtype), h_last
+        i = L.bit_linear_train(a, self.i_proj.weight, self.i_proj.norm.weight, eps)
+        f = L.bit_linear_train(a, self.f_proj.weight, self.f_proj.norm.weight, eps)
+        g = L.bit_linear_train(a, self.g_proj.weight, self.g_proj.norm.weight, eps)
+        h, h_last = L.mlgru_scan(i, f, lower_bound, h0, mask)
+        o = L.swish_gate_train(g, h, self.g_norm.weight, eps)
+        return L.bit_linear_train(o, self.o_proj.weight, self.o_proj.norm.weight, eps), h_last
+
+
+class GLU(nn.Module):
+    """Channel mixer: ``down(silu(u[.., :I]) * u[.., I:])`` with ``u = gate_proj(m)``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.intermediate_size = intermediate_size
+        self.gate_proj = mnn.BitLinear(hidden_size, 2 * intermediate_size, bias=False, eps=eps)
+        self.down_proj = mnn.BitLinear(intermediate_size, hidden_size, bias=False, eps=eps)
+
+    def forward(self, m: Tensor) -> Tensor:
+        u = _bit_linear(self.gate_proj, m, self.eps)
+        gate, v = u[..., : self.intermediate_size], u[..., self.intermediate_size :]
+        return _bit_linear(self.down_proj, F.silu(gate) * v, self.eps)
+
+
+def _bit_linear(proj: nn.Module, x: Tensor, eps: float) -> Tensor:
+    if _is_packed(proj):
+        return L.bit_linear_packed(x, proj.packed, proj.w_scale, proj.norm.weight, eps)
+    return L.bit_linear_train(x, proj.weight, proj.norm.weight, eps)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: MLGRU token mixer, then GLU channel mixer."""
+
+    def __init__(self, cfg: MMfreeLMConfig) -> None:
+        super().__init__()
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.eps = eps
+        self.attn_norm = mnn.RMSNorm(h, eps=eps)
+        self.attn = MLGRU(h, eps)
+        self.mlp_norm = mnn.RMSNorm(h, eps=eps)
+        assert cfg.intermediate_size is not None
+        self.mlp = GLU(h, cfg.intermediate_size, eps)
+
+    def forward(
+        self, x: Tensor, lower_bound: Tensor | None, h0: Tensor | None, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        eps = self.eps
+        if _is_packed(self.attn.i_proj):
+            a, _ = L.rms_norm(x, self.attn_norm.weight, eps)
+            attn_out, h_last = self.attn(a, lower_bound, h0, mask)
+            # Fused residual add + norm: x <- x + attn_out, m = RMSNorm(x).
+            m, x = L.rms_norm(attn_out, self.mlp_norm.weight, eps, residual=x)
+        else:
+            attn_out, h_last = self.attn(L.rms_norm_train(x, self.attn_norm.weight, eps), lower_bound, h0, mask)
+            x = x + attn_out
+            m = L.rms_norm_train(x, self.mlp_norm.weight, eps)
+        return x + self.mlp(m), h_last
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: MMfreeLMConfig) -> None:
+        super().__init__()
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.lower_bounds = nn.Parameter(torch.zeros(cfg.num_hidden_layers, cfg.hidden_size))
+        self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = mnn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+
+class MMfreeLMForCausalLM(nn.Module):
+    """The MatMul-free LM (paper checkpoints: model_type ``hgrn_bit``), on the mmfree ops.
+
+    ``forward(input_ids, state=None, attention_mask=None, logits_to_keep=0)`` runs the T
+    tokens through every layer starting from ``state`` (fp32 ``[L, B, h]`` or a list of ``[B, h]``;
+    None = zeros) and returns :class:`MMfreeLMOutput`. ``attention_mask`` ``[B, T]`` marks real
+    tokens with 1: padded positions add nothing to the recurrent state, so left-padded batches
+    give each sequence the result it gets alone. Compute runs in the embedding dtype.
+    """
+
+    def __init__(self, config: MMfreeLMConfig | dict[str, Any], *, init_seed: int | None = 0) -> None:
+        super().__init__()
+        self.config = config if isinstance(config, MMfreeLMConfig) else MMfreeLMConfig.from_dict(config)
+        cfg = self.config
+        self.model = Backbone(cfg)
+        self.lm_head = mnn.BitLinear(cfg.hidden_size, cfg.vocab_size, bias=False, eps=cfg.rms_norm_eps)
+        if init_seed is not None and not self.model.embeddings.weight.is_meta:
+            self.init_weights(init_seed)
+
+    # ------------------------------------------------------------------------------------
+    @property
+    def is_packed(self) -> bool:
+        """True once :meth:`pack` has turned the BitLinear weights into 2-bit codes."""
+        return _is_packed(self.lm_head)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embeddings.weight.dtype
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> MMfreeLMForCausalLM:
+        """Deterministic init, the same as ReferenceMMfreeLM.init_weights: embeddings and latent
+        weights ~ N(0, std) in parameter order, norms = 1, lower_bounds = 0. Returns self."""
+        if self.is_packed:
+            raise RuntimeError("init_weights needs latent weights; this model is packed")
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name == "model.lower_bounds":
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        return self
+
+    @torch.no_grad()
+    def pack(self, progress: Callable[[int], None] | None = None) -> MMfreeLMForCausalLM:
+        """Replace every BitLinear by its 2-bit packed form (in place; inference only). Returns self.
+
+        ``progress`` (optional) is called with 1 after each converted layer.
+        """
+        for parent in list(self.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, mnn.BitLinear):
+                    setattr(parent, name, child.pack())
+                    if progress is not None:
+                        progress(1)
+        self.config.packed = True
+        return self
+
+    def num_bit_linears(self) -> int:
+        return sum(isinstance(m, (mnn.BitLinear, mnn.PackedBitLinear)) for m in self.modules())
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> MMfreeLMForCausalLM:
+        # `.to(bf16)` / `.half()` cast every float buffer; the packed weights' scales must stay
+        # exact fp32 (they are part of the quantized weight), so keep their fp32 values aside.
+        scales = {m: m.w_scale for m in self.modules() if _is_packed(m)}
+        super()._apply(fn, recurse)
+        for m, s in scales.items():
+            if m.w_scale.dtype != torch.float32:
+                m._buffers["w_scale"] = s.to(device=m.w_scale.device, dtype=torch.float32)
+        return self
+
+    def empty_state(self, batch_size: int, device: torch.device | str | None = None) -> Tensor:
+        """Zero recurrent state fp32 ``[L, B, h]``: the whole per-sequence cache (L*h floats)."""
+        cfg = self.config
+        return torch.zeros(
+            (cfg.num_hidden_layers, batch_size, cfg.hidden_size),
+            dtype=torch.float32,
+            device=self.device if device is None else device,
+        )
+
+    # ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor,
+        state: Tensor | Sequence[Tensor | None] | None = None,
+        attention_mask: Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> MMfreeLMOutput:
+        cfg = self.config
+        n_layers = cfg.num_hidden_layers
+        if state is not None and len(state) != n_layers:
+            raise ValueError(f"state must hold {n_layers} per-layer tensors, got {len(state)}")
+        x = self.model.embeddings(input_ids)
+        lb = lower_bounds_to_layer_lb(self.model.lower_bounds)
+        new_state = []
+        for idx, layer in enumerate(self.model.layers):
+            h0 = state[idx] if state is not None else None
+            # Layer 0 takes no lower bound (its row of lb is exactly 0).
+            x, h_last = layer(x, lb[idx] if idx > 0 else None, h0, attention_mask)
+            new_state.append(h_last)
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        eps = cfg.rms_norm_eps
+        if self.is_packed:
+            xn, _ = L.rms_norm(x, self.model.norm.weight, eps)
+            x_q, x_scale = L.rms_norm_quant(xn, self.lm_head.norm.weight, eps)
+            logits = L.ternary_matmul(x_q, x_scale, self.lm_head.packed, self.lm_head.w_scale, xn.dtype)
+        else:
+            xn = L.rms_norm_train(x, self.model.norm.weight, eps)
+            logits = L.bit_linear_train(xn, self.lm_head.weight, self.lm_head.norm.weight, eps)
+        return MMfreeLMOutput(logits.float(), torch.stack(new_state))
+
+    # ------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        pack: bool = False,
+        progress: bool = True,
+    ) -> MMfreeLMForCausalLM:
+        """Load a local checkpoint folder (see :func:`mmfree_ext.models.checkpoint.load_model`)."""
+        from .checkpoint import load_model
+
+        return load_model(model_dir, device=device, dtype=dtype, pack=pack, progress=progress)
+
+    def save_pretrained(self, out_dir: str, *, progress: bool = True) -> None:
+        """Write config.json + model.safetensors (packed or latent, as the model is now)."""
+        from .checkpoint import save_model
+
+        save_model(self, out_dir, progress=progress)
+
+
+def pack_model(model: MMfreeLMForCausalLM) -> MMfreeLMForCausalLM:
+    """Convert every BitLinear of ``model`` to packed 2-bit weights (in place); returns it."""
+    return model.pack()
+
+
+def model_memory_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (each storage counted once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) if t.device.type != "meta" else (id(t), 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
