@@ -18,6 +18,7 @@ class _TextBar:
         self.postfix = ""
         self._t0 = time.perf_counter()
         self._last = 0.0
+        self._width = 0
         self._draw(force=True)
 
     def _draw(self, force: bool = False) -> None:
@@ -28,8 +29,18 @@ class _TextBar:
         done = f"{self.n}/{self.total}" if self.total else str(self.n)
         pct = f" {100.0 * self.n / self.total:5.1f}%" if self.total else ""
         post = f" {self.postfix}" if self.postfix else ""
-        sys.stderr.write(f"\r{self.desc}:{pct} {done} [{now - self._t0:.1f}s]{post}   ")
+        line = f"{self.desc}:{pct} {done} [{now - self._t0:.1f}s]{post}"
+        sys.stderr.write("\r" + line.ljust(self._width))
         sys.stderr.flush()
+        self._width = len(line)
+
+    def write(self, message: str) -> None:
+        """Print a line above the bar (like ``tqdm.write``)."""
+        if not self.disable:
+            sys.stderr.write("\r" + " " * self._width + "\r")
+            sys.stderr.flush()
+        print(message, flush=True)
+        self._draw(force=True)
 
     def update(self, n: int = 1) -> None:
         self.n += n

@@ -1,0 +1,198 @@
+"""The ``mmfree`` command line (also ``python -m mmfree_ext``).
+
+Subcommands: ``demo`` (train, pack, generate, compare; no download), ``generate`` (a local
+checkpoint folder), ``convert`` (pack a checkpoint to 2 bits), ``bench`` (model throughput on
+random weights at a named size) and ``info`` (build and CPU features).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["build_parser", "main"]
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
+
+
+def _device(name: str) -> torch.device:
+    from ._native import cuda_available
+
+    if name == "auto":
+        return torch.device("cuda" if cuda_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name}: no CUDA device is available")
+    return torch.device(name)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from . import build_info, cpu_features
+
+    print(json.dumps({"build_info": build_info(), "cpu_features": cpu_features()}, indent=2, default=str))
+    print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoSettings, run_demo
+
+    settings = DemoSettings(
+        seconds=args.seconds,
+        device=args.device,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        new_tokens=args.max_new_tokens,
+        prompt=args.prompt,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    run_demo(settings)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .models import MMfreeLMForCausalLM, generate, load_tokenizer, model_memory_bytes
+
+    device = _device(args.device)
+    dtype = _DTYPES[args.dtype] if args.dtype else None
+    model = MMfreeLMForCausalLM.from_pretrained(args.model, device=device, dtype=dtype, pack=not args.no_pack)
+    cfg = model.config
+    tok = load_tokenizer(args.model, cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id)
+    print(f"loaded {args.model}: {model_memory_bytes(model) / 2**20:.1f} MiB on {device}", file=sys.stderr)
+    prompt_ids = tok.encode(args.prompt)
+    generated: list[int] = []
+    shown = ""
+
+    def stream(_b: int, token: int) -> None:
+        nonlocal shown
+        generated.append(token)
+        text = tok.decode(generated)
+        if text.startswith(shown):
+            sys.stdout.write(text[len(shown) :])
+            sys.stdout.flush()
+            shown = text
+
+    sys.stdout.write(args.prompt)
+    stops = [cfg.eos_token_id] if cfg.eos_token_id is not None and not args.ignore_eos else []
+    res = generate(
+        model,
+        [prompt_ids],
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_tokens=stops,
+        on_token=stream,
+        decode_mode=args.decode_mode,
+    )
+    sys.stdout.write("\n")
+    print(
+        f"[{len(prompt_ids)} prompt tokens in {res.prefill_seconds * 1e3:.1f} ms; "
+        f"{res.decode_steps} decode steps at {res.decode_tokens_per_second:.1f} tok/s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .models import MMfreeLMForCausalLM, model_memory_bytes, save_packed
+
+    t0 = time.perf_counter()
+    model = MMfreeLMForCausalLM.from_pretrained(args.model_dir, device=_device(args.device))
+    before = model_memory_bytes(model)
+    save_packed(model, args.out_dir)
+    after = model_memory_bytes(model)
+    print(
+        f"packed {model.num_bit_linears()} BitLinear layers: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB; "
+        f"wrote {args.out_dir} in {time.perf_counter() - t0:.1f}s"
+    )
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .models.bench import bench_decode, bench_prefill, random_packed_model
+
+    device = _device(args.device)
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = random_packed_model(args.config, device, dtype)
+    from .models import model_memory_bytes
+
+    print(f"{args.config} packed on {device} ({dtype}): model memory {model_memory_bytes(model) / 2**30:.3f} GiB")
+    for batch in args.batch:
+        tps = bench_decode(model, batch, args.tokens, mode=args.decode_mode)
+        print(f"  decode batch {batch:3d}: {tps:10.1f} tok/s ({tps / batch:8.1f} tok/s per sequence)")
+    if args.prefill:
+        tps = bench_prefill(model, 1, args.prefill)
+        print(f"  prefill {args.prefill} tokens: {tps:10.1f} tok/s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmfree", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="train a small byte-level model, pack it, generate, compare to the reference")
+    d.add_argument("--seconds", type=float, default=60.0, help="training time (default 60)")
+    d.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    d.add_argument("--hidden-size", type=int, default=None)
+    d.add_argument("--num-layers", type=int, default=None)
+    d.add_argument("--batch-size", type=int, default=None)
+    d.add_argument("--seq-len", type=int, default=None)
+    d.add_argument("--max-new-tokens", type=int, default=200)
+    d.add_argument("--prompt", default="Return the ")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    d.set_defaults(func=_cmd_demo)
+
+    g = sub.add_parser("generate", help="generate text from a local checkpoint folder")
+    g.add_argument("--model", required=True, help="local folder with config.json and weights")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="compute dtype (default: as stored)")
+    g.add_argument("--decode-mode", default="auto", choices=["auto", "eager", "cuda_graph", "compile"])
+    g.add_argument("--no-pack", action="store_true", help="keep latent weights (slow path)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.set_defaults(func=_cmd_generate)
+
+    c = sub.add_parser("convert", help="pack a checkpoint's BitLinear weights to 2 bits and save it")
+    c.add_argument("model_dir")
+    c.add_argument("out_dir")
+    c.add_argument("--device", default="cpu")
+    c.set_defaults(func=_cmd_convert)
+
+    b = sub.add_parser("bench", help="decode/prefill throughput on random weights at a named size")
+    b.add_argument("--config", default="tiny", help="tiny, 370M, 1.3B or 2.7B")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
+    b.add_argument("--batch", type=int, nargs="+", default=[1])
+    b.add_argument("--tokens", type=int, default=64, help="decode steps timed per batch size")
+    b.add_argument("--prefill", type=int, default=0, help="also time a prefill of this many tokens")
+    b.add_argument("--decode-mode", default="auto", choices=["auto", "eager", "cuda_graph", "compile"])
+    b.set_defaults(func=_cmd_bench)
+
+    i = sub.add_parser("info", help="print build_info() and cpu_features()")
+    i.set_defaults(func=_cmd_info)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
