@@ -15,8 +15,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import DEVICES
 
+from conftest import DEVICES
 from mmfree_ext import reference as ref
 from mmfree_ext.models import (
     ByteTokenizer,
@@ -258,7 +258,7 @@ def test_bad_checkpoint_names_the_key(tmp_path, kind):
 
 
 def test_bad_folder_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         MMfreeLMForCausalLM.from_pretrained(str(tmp_path), progress=False)
     with open(tmp_path / "config.json", "w") as fh:
         json.dump(_hgrn_config(model_type="llama"), fh)
@@ -284,7 +284,7 @@ def test_packed_save_and_load_round_trip(tmp_path, device):
     # Packed memory: 2 bits per weight (rows padded to 128), fp32 scales, norms, embeddings.
     cfgm = model.config
     h, inter, v, n_layers = cfgm.hidden_size, cfgm.intermediate_size, cfgm.vocab_size, cfgm.num_hidden_layers
-    row = lambda k: -(-k // 128) * 32  # noqa: E731
+    row = lambda k: -(-k // 128) * 32
     per_layer = 4 * h * row(h) + 2 * inter * row(h) + h * row(inter) + 6 * 4 + (8 * h + inter) * 4
     expected = n_layers * per_layer + v * row(h) + 4 + 4 * h + (v * h + n_layers * h + h) * 4
     assert model_memory_bytes(loaded) == expected < latent_bytes
@@ -356,7 +356,7 @@ def test_byte_tokenizer_and_fallbacks(tmp_path):
     ids = tok.encode("héllo")
     assert ids[0] == tok.BOS and tok.decode(ids) == "héllo"
     assert isinstance(load_tokenizer(str(tmp_path), 258), ByteTokenizer)
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json"):
         load_tokenizer(str(tmp_path), 32000)
 
 

@@ -142,7 +142,7 @@ def run_demo(s: DemoSettings, log=print) -> dict:
         stop_tokens=[tok.EOS],
     )
     sample = tok.decode(out.tokens[0])
-    log("\n--- sample (packed 2-bit model, temperature %.2f, top-k %d) ---" % (s.temperature, s.top_k))
+    log(f"\n--- sample (packed 2-bit model, temperature {s.temperature:.2f}, top-k {s.top_k}) ---")
     log(s.prompt + sample)
     log("---")
 
