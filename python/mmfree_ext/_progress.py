@@ -13,7 +13,9 @@ class _TextBar:
     """Minimal stand-in for ``tqdm``: ``update(n)``, ``set_postfix_str(s)``, ``close()``."""
 
     def __init__(self, total: int | None, desc: str, disable: bool) -> None:
-        self.total, self.desc, self.disable = total, desc, disable
+        # A redrawn line only makes sense on a terminal; in logs and pipes stay quiet.
+        self.total, self.desc = total, desc
+        self.disable = disable or not sys.stderr.isatty()
         self.n = 0
         self.postfix = ""
         self._t0 = time.perf_counter()
