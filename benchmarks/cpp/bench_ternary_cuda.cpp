@@ -110,6 +110,7 @@ struct Kernel {
 const Kernel kKernels[] = {
     {"simple", &cuda::ternary_kernels::launch_simple},
     {"gemv", &cuda::ternary_kernels::launch_gemv},
+    {"gemm", &cuda::ternary_kernels::launch_gemm},
     {"dispatch", &cuda::ternary_matmul},
 };
 
@@ -213,7 +214,7 @@ int check_all(bool small) {
     bench::check_cuda(cudaMemcpy(shifted + 1, pr.packed.data(), pr.packed.size(), cudaMemcpyHostToDevice), "copy");
     cudaFree(d.packed);
     d.packed = shifted + 1;
-    const int64_t bad = run_check(kKernels[2], pr, d, true, DType::kBFloat16, seed);
+    const int64_t bad = run_check(kKernels[3], pr, d, true, DType::kBFloat16, seed);
     std::printf("%s dispatch misaligned packed pointer: bad=%lld\n", bad ? "FAIL" : "PASS", static_cast<long long>(bad));
     failures += bad != 0;
     ++checks;
@@ -260,8 +261,16 @@ void time_all() {
   for (int64_t M : {1, 4, 8, 16}) {
     for (const NK& s : gemv_shapes) time_one(kKernels[1], M, s.n, s.k);
   }
-  std::printf("\n# prefill (bf16 out): the dispatching op (GEMM from M >= %d)\n", cuda::ternary_kernels::kGemmMinRows);
-  for (int64_t M : {16, 32, 64, 512, 2048, 4096}) {
+  std::printf("\n# GEMV vs tensor-core GEMM at the crossover (the op switches at M = %d)\n",
+              cuda::ternary_kernels::kGemmMinRows);
+  for (int64_t M : {8, 16, 32}) {
+    for (const NK& s : gemv_shapes) {
+      time_one(kKernels[1], M, s.n, s.k);
+      time_one(kKernels[2], M, s.n, s.k);
+    }
+  }
+  std::printf("\n# prefill GEMM (bf16 out); TOPS = 2*M*N*K / time\n");
+  for (int64_t M : {512, 2048, 4096}) {
     for (const NK& s : gemm_shapes) time_one(kKernels[2], M, s.n, s.k);
   }
 }
