@@ -17,6 +17,7 @@
 // B rows swap their two 16-byte halves when (r / 4) is odd, which makes the eight rows a
 // warp reads per word land in distinct banks.
 #include <algorithm>
+#include <atomic>
 
 #include "common/ternary_format.h"
 #include "cuda/ternary/epilogue.cuh"
@@ -272,8 +273,18 @@ template <int BM, bool kVecA, class OutT>
 cudaError_t launch_tile(const TernaryMatmulParams& p, cudaStream_t stream) {
   constexpr int smem = Tile<BM>::kSmemBytes;
   auto kernel = gemm_kernel<BM, kVecA, OutT>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  // Raise the dynamic shared-memory limit once per device (not on every launch, and so
+  // not inside a CUDA graph capture after the first call).
+  static std::atomic<uint64_t> raised{0};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
+  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
+  if (bit == 0 || (raised.load(std::memory_order_relaxed) & bit) == 0) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    raised.fetch_or(bit, std::memory_order_relaxed);
+  }
   const dim3 grid(ceil_div(p.N, kBN), ceil_div(p.M, BM));
   kernel<<<grid, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
