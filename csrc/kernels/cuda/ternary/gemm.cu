@@ -285,9 +285,21 @@ cudaError_t launch_tile(const TernaryMatmulParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     raised.fetch_or(bit, std::memory_order_relaxed);
   }
-  const dim3 grid(ceil_div(p.N, kBN), ceil_div(p.M, BM));
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  // grid.y is limited to 65535 tiles: very tall inputs go in several launches.
+  constexpr int64_t kMaxRows = int64_t{65535} * BM;
+  const int64_t esize = dtype_size(p.out_dtype);
+  for (int64_t r0 = 0; r0 < p.M; r0 += kMaxRows) {
+    TernaryMatmulParams q = p;
+    q.M = std::min(kMaxRows, p.M - r0);
+    q.x_q = p.x_q + r0 * p.x_row_stride;
+    q.x_scale = p.x_scale + r0;
+    q.out = static_cast<char*>(p.out) + r0 * p.N * esize;
+    const dim3 grid(ceil_div(q.N, kBN), ceil_div(q.M, BM));
+    kernel<<<grid, kThreads, smem, stream>>>(q);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 template <class OutT>
