@@ -1,0 +1,73 @@
+"""Ternary matmul on CUDA vs bf16 cuBLAS (F.linear), same shapes, same run.
+
+Decode GEMV (M = 1, 4, 8, 16) is judged by bandwidth: bytes = packed weights + int8
+activations + scales + bf16 output, printed as GB/s and % of the measured copy bandwidth.
+Prefill GEMM (M = 512, 2048, 4096) is judged by TOPS (2*M*N*K) against bf16 F.linear.
+
+    python benchmarks/bench_ternary_cuda.py --device cuda --json ternary_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mmfree_ext  # noqa: F401  (registers torch.ops.mmfree.*)
+from common import Case, Row, bench, print_table, save_json
+from mmfree_ext import reference as ref
+
+# (N, K) of the 2.7B model: MLGRU projections, GLU gate (2I = 13824), down, LM head.
+GEMV_SHAPES = [(13824, 2560), (2560, 6912), (2560, 2560), (32000, 2560)]
+GEMV_ROWS = [1, 4, 8, 16]
+GEMM_SHAPES = [(2560, 2560), (13824, 2560), (2560, 6912)]
+GEMM_ROWS = [512, 2048, 4096]
+
+
+def make_case(m: int, n: int, k: int, device: str) -> Case:
+    x_q = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
+    x_scale = torch.rand(m, device=device) * 0.02 + 1e-3
+    packed = ref.pack_ternary(torch.randint(-1, 2, (n, k), dtype=torch.int8)).to(device)
+    w_scale = torch.full((), 0.05, device=device)
+    x_bf16 = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    w_bf16 = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+    nbytes = packed.numel() + x_q.numel() + 4 * m + 4 + 2 * m * n
+    return Case(
+        name="ternary_matmul",
+        shape=f"M={m} {k}->{n}",
+        fn=lambda: torch.ops.mmfree.ternary_matmul(x_q, x_scale, packed, w_scale, torch.bfloat16),
+        baseline=lambda: F.linear(x_bf16, w_bf16),
+        baseline_name="bf16 F.linear",
+        bytes=float(nbytes),
+        flops=2.0 * m * n * k,
+        extra={"M": m, "N": n, "K": k, "baseline_bytes": 2 * (m * k + n * k + m * n)},
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="only cuda is meaningful here")
+    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+    parser.add_argument("--quick", action="store_true", help="M=1 and M=512 only")
+    args = parser.parse_args()
+    if not args.device.startswith("cuda") or not torch.cuda.is_available():
+        raise SystemExit("bench_ternary_cuda needs a CUDA device (--device cuda)")
+    torch.manual_seed(0)
+    gemv_rows = [1] if args.quick else GEMV_ROWS
+    gemm_rows = [512] if args.quick else GEMM_ROWS
+
+    gemv = [bench(make_case(m, n, k, args.device), args.device) for m in gemv_rows for n, k in GEMV_SHAPES]
+    print_table(gemv, "decode GEMV (bf16 out) vs bf16 F.linear")
+    gemm = [bench(make_case(m, n, k, args.device), args.device) for m in gemm_rows for n, k in GEMM_SHAPES]
+    print_table(gemm, "prefill GEMM (bf16 out) vs bf16 F.linear")
+    rows: list[Row] = gemv + gemm
+    if args.json:
+        save_json(rows, args.json, {"bench": "ternary_cuda"})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+// Internal entry points of the CUDA ternary matmul, one per kernel, so that the C++
+// benchmark can check and time each path on every shape. mmfree::cuda::ternary_matmul
+// (dispatch.cu) picks among them; callers outside the kernels use that one.
+// Torch-free and host-only: includable from plain C++.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "ternary.h"
+
+namespace mmfree {
+namespace cuda {
+namespace ternary_kernels {
+
+// Largest M the decode GEMV handles in one launch (activation rows staged per block).
+constexpr int kGemvMaxRows = 16;
+// M from which ternary_matmul uses the tensor-core GEMM instead of the GEMV.
+constexpr int kGemmMinRows = kGemvMaxRows + 1;
+
+// One thread per output, byte loads: the obviously-correct baseline (any alignment).
+cudaError_t launch_simple(const TernaryMatmulParams& p, cudaStream_t stream);
+// Decode GEMV: dp4a on 2-bit codes, 16-byte weight loads. Any M (launches per 16 rows);
+// needs `packed` 16-byte aligned.
+cudaError_t launch_gemv(const TernaryMatmulParams& p, cudaStream_t stream);
+// Prefill GEMM: int8 mma.sync m16n8k32 with the decode in the smem pipeline. Any M;
+// needs `packed` 16-byte aligned.
+cudaError_t launch_gemm(const TernaryMatmulParams& p, cudaStream_t stream);
+
+}  // namespace ternary_kernels
+}  // namespace cuda
+}  // namespace mmfree
