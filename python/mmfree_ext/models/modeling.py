@@ -48,6 +48,22 @@ class MLGRU(nn.Module):
         self.g_proj = mnn.BitLinear(hidden_size, hidden_size, bias=False, eps=eps)
         self.o_proj = mnn.BitLinear(hidden_size, hidden_size, bias=False, eps=eps)
         self.g_norm = mnn.RMSNorm(hidden_size, eps=eps)
+        # Packed models: the i/f/g input-norm weights stacked [3, h] for rms_norm_quant_multi
+        # (a derived, non-persistent copy; refreshed by the model after packing and loading).
+        self.ifg_norm: Tensor | None = None
+
+    def ifg_norm_weights(self) -> Tensor:
+        if self.ifg_norm is None:
+            return torch.stack([self.i_proj.norm.weight, self.f_proj.norm.weight, self.g_proj.norm.weight])
+        return self.ifg_norm
+
+    @torch.no_grad()
+    def refresh_fused_weights(self) -> None:
+        """Re-derive :attr:`ifg_norm` from the three norm weights (call after changing them)."""
+        stacked = torch.stack([self.i_proj.norm.weight, self.f_proj.norm.weight, self.g_proj.norm.weight])
+        self.__dict__.pop("ifg_norm", None)  # the plain None attribute set in __init__
+        self._buffers.pop("ifg_norm", None)
+        self.register_buffer("ifg_norm", stacked.detach().contiguous(), persistent=False)
 
     def forward(
         self, a: Tensor, lower_bound: Tensor | None, h0: Tensor | None, mask: Tensor | None
@@ -55,8 +71,7 @@ class MLGRU(nn.Module):
         eps = self.eps
         if _is_packed(self.i_proj):
             # i, f, g read the same normalized input: one rstd, three norm weights.
-            norms = torch.stack([self.i_proj.norm.weight, self.f_proj.norm.weight, self.g_proj.norm.weight])
-            x_q, x_scale = L.rms_norm_quant_multi(a, norms, eps)
+            x_q, x_scale = L.rms_norm_quant_multi(a, self.ifg_norm_weights(), eps)
             i, f, g = (
                 L.ternary_matmul(x_q[p], x_scale[p], proj.packed, proj.w_scale, a.dtype)
                 for p, proj in enumerate((self.i_proj, self.f_proj, self.g_proj))
@@ -108,19 +123,26 @@ class Block(nn.Module):
         self.mlp = GLU(h, cfg.intermediate_size, eps)
 
     def forward(
-        self, x: Tensor, lower_bound: Tensor | None, h0: Tensor | None, mask: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
+        self, x: Tensor, delta: Tensor | None, lower_bound: Tensor | None, h0: Tensor | None, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The residual stream is ``x + delta`` (``delta`` = the previous block's MLP output, not
+        yet added, or None): returns ``(x, delta, h_last)`` in the same form."""
         eps = self.eps
         if _is_packed(self.attn.i_proj):
-            a, _ = L.rms_norm(x, self.attn_norm.weight, eps)
+            # Residual adds are fused into the following RMSNorm: (norm(x + d), x + d).
+            if delta is None:
+                a, _ = L.rms_norm(x, self.attn_norm.weight, eps)
+            else:
+                a, x = L.rms_norm(delta, self.attn_norm.weight, eps, residual=x)
             attn_out, h_last = self.attn(a, lower_bound, h0, mask)
-            # Fused residual add + norm: x <- x + attn_out, m = RMSNorm(x).
             m, x = L.rms_norm(attn_out, self.mlp_norm.weight, eps, residual=x)
-        else:
-            attn_out, h_last = self.attn(L.rms_norm_train(x, self.attn_norm.weight, eps), lower_bound, h0, mask)
-            x = x + attn_out
-            m = L.rms_norm_train(x, self.mlp_norm.weight, eps)
-        return x + self.mlp(m), h_last
+            return x, self.mlp(m), h_last
+        if delta is not None:
+            x = x + delta
+        attn_out, h_last = self.attn(L.rms_norm_train(x, self.attn_norm.weight, eps), lower_bound, h0, mask)
+        x = x + attn_out
+        m = L.rms_norm_train(x, self.mlp_norm.weight, eps)
+        return x, self.mlp(m), h_last
 
 
 class Backbone(nn.Module):
@@ -150,6 +172,7 @@ class MMfreeLMForCausalLM(nn.Module):
         self.lm_head = mnn.BitLinear(cfg.hidden_size, cfg.vocab_size, bias=False, eps=cfg.rms_norm_eps)
         if init_seed is not None and not self.model.embeddings.weight.is_meta:
             self.init_weights(init_seed)
+        self.register_load_state_dict_post_hook(self._refresh_after_load)
 
     # ------------------------------------------------------------------------------------
     @property
@@ -194,7 +217,17 @@ class MMfreeLMForCausalLM(nn.Module):
                     if progress is not None:
                         progress(1)
         self.config.packed = True
+        self.refresh_fused_weights()
         return self
+
+    def refresh_fused_weights(self) -> None:
+        """Re-derive the packed path's stacked norm weights (done by pack() and loading)."""
+        if self.is_packed:
+            for layer in self.model.layers:
+                layer.attn.refresh_fused_weights()
+
+    def _refresh_after_load(self, module: nn.Module, incompatible_keys: Any) -> None:
+        self.refresh_fused_weights()
 
     def num_bit_linears(self) -> int:
         return sum(isinstance(m, (mnn.BitLinear, mnn.PackedBitLinear)) for m in self.modules())
@@ -233,19 +266,25 @@ class MMfreeLMForCausalLM(nn.Module):
         x = self.model.embeddings(input_ids)
         lb = lower_bounds_to_layer_lb(self.model.lower_bounds)
         new_state = []
+        delta: Tensor | None = None
         for idx, layer in enumerate(self.model.layers):
             h0 = state[idx] if state is not None else None
             # Layer 0 takes no lower bound (its row of lb is exactly 0).
-            x, h_last = layer(x, lb[idx] if idx > 0 else None, h0, attention_mask)
+            x, delta, h_last = layer(x, delta, lb[idx] if idx > 0 else None, h0, attention_mask)
             new_state.append(h_last)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
+            delta = delta[:, -logits_to_keep:] if delta is not None else None
         eps = cfg.rms_norm_eps
         if self.is_packed:
-            xn, _ = L.rms_norm(x, self.model.norm.weight, eps)
+            if delta is None:
+                xn, _ = L.rms_norm(x, self.model.norm.weight, eps)
+            else:
+                xn, _ = L.rms_norm(delta.contiguous(), self.model.norm.weight, eps, residual=x.contiguous())
             x_q, x_scale = L.rms_norm_quant(xn, self.lm_head.norm.weight, eps)
             logits = L.ternary_matmul(x_q, x_scale, self.lm_head.packed, self.lm_head.w_scale, xn.dtype)
         else:
+            x = x if delta is None else x + delta
             xn = L.rms_norm_train(x, self.model.norm.weight, eps)
             logits = L.bit_linear_train(xn, self.lm_head.weight, self.lm_head.norm.weight, eps)
         return MMfreeLMOutput(logits.float(), torch.stack(new_state))
