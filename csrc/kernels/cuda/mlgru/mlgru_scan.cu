@@ -27,6 +27,10 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxTimeLanes = 128;
+// Values (tokens x channels) a thread holds per tile: the forward keeps f_t and c_t of 32 in
+// fp32 registers (2 CTAs/SM fit), the backward also i, f, grad_h and h_{t-1}, so 16.
+constexpr int kFwdValues = 32;
+constexpr int kBwdValues = 16;
 
 template <class T, int V>
 struct alignas(sizeof(T) * V) Pack {
@@ -199,7 +203,7 @@ struct KernelArgs {
 };
 
 template <class T, int V, int U, bool kCheckpointsOnly>
-__global__ void __launch_bounds__(kThreads) mlgru_fwd_kernel(const MlgruScanParams p, const KernelArgs a) {
+__global__ void __launch_bounds__(kThreads, 2) mlgru_fwd_kernel(const MlgruScanParams p, const KernelArgs a) {
   constexpr bool kFast = sizeof(T) == 2;
   extern __shared__ float smem[];
   const Layout L(a.W, a.K);
@@ -348,9 +352,9 @@ __global__ void __launch_bounds__(kThreads) mlgru_bwd_kernel(const MlgruScanBwdP
       }
     }
     block_scan<V, true>(L, smem, P, q, e_carry, e);
-    float di[U][V], df[U][V];
 #pragma unroll
     for (int u = U - 1; u >= 0; --u) {
+      float di[V], df[V];
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         float sg, omsg, si, omsi;
@@ -359,18 +363,15 @@ __global__ void __launch_bounds__(kThreads) mlgru_bwd_kernel(const MlgruScanBwdP
         const float delta = gh[u][k] + e[k];
         const float silu = valid[u] ? xi[u][k] * si : 0.0f;
         const float dsilu = si * (1.0f + xi[u][k] * omsi);
-        di[u][k] = valid[u] ? delta * (omlb[k] * omsg) * dsilu : 0.0f;
+        di[k] = valid[u] ? delta * (omlb[k] * omsg) * dsilu : 0.0f;
         const float dft = delta * (hp[u][k] - silu);
-        df[u][k] = dft * omlb[k] * (sg * omsg);
+        df[k] = dft * omlb[k] * (sg * omsg);
         dlb[k] += (tb + u < r.end) ? dft * omsg : 0.0f;
         e[k] = ft[u][k] * delta;
       }
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
       if (active && tb + u < r.end) {
-        store_pack<T, V>(p.grad_i, (tb + u) * dim + d0, di[u]);
-        store_pack<T, V>(p.grad_f, (tb + u) * dim + d0, df[u]);
+        store_pack<T, V>(p.grad_i, (tb + u) * dim + d0, di);
+        store_pack<T, V>(p.grad_f, (tb + u) * dim + d0, df);
       }
     }
   }
@@ -422,14 +423,14 @@ int pow2_ceil(int64_t x) {
 }
 
 // V: one 16-byte vector when D allows it (else 1 channel); U tokens per thread (U*V = 32
-// values in registers); then time-lanes K so one tile covers the sequence (K = 1 when a thread's
+// values in registers, 16 in the backward); then time-lanes K so one tile covers the sequence (K = 1 when a thread's
 // U tokens already do: the sequential path), and channel vectors W = 256 / K. When that leaves
 // the GPU short of CTAs, trade W for K. Every row segment a warp touches stays >= 32 bytes.
-Config launch_config(const MlgruSeqs& q, DType dtype, MlgruPath path, bool vector_ok) {
+Config launch_config(const MlgruSeqs& q, DType dtype, MlgruPath path, bool vector_ok, bool backward) {
   Config c{};
   const int esize = dtype_size(dtype);
   c.V = vector_ok ? 16 / esize : 1;
-  c.U = c.V == 1 ? 8 : 32 / c.V;
+  c.U = c.V == 1 ? 8 : (backward ? kBwdValues : kFwdValues) / c.V;
   const int64_t nvec = (q.dim + c.V - 1) / c.V;
   const int64_t avg_len = q.num_seqs > 0 ? (q.tokens + q.num_seqs - 1) / q.num_seqs : 0;
   const int w_min = c.V * esize >= 32 ? 1 : 32 / (c.V * esize);
@@ -482,13 +483,14 @@ cudaError_t launch_fwd(const MlgruScanParams& p, const Config& c, const KernelAr
   return cudaGetLastError();
 }
 
+// The checkpoint pass runs on the backward's tiles (U = kBwdValues / V).
 template <class T>
 cudaError_t fwd_typed(const MlgruScanParams& p, const Config& c, const KernelArgs& a, bool checkpoints,
                       cudaStream_t stream) {
   constexpr int kV = 16 / sizeof(T);
   if (c.V == kV) {
-    return checkpoints ? launch_fwd<T, kV, 32 / kV, true>(p, c, a, stream)
-                       : launch_fwd<T, kV, 32 / kV, false>(p, c, a, stream);
+    return checkpoints ? launch_fwd<T, kV, kBwdValues / kV, true>(p, c, a, stream)
+                       : launch_fwd<T, kV, kFwdValues / kV, false>(p, c, a, stream);
   }
   return checkpoints ? launch_fwd<T, 1, 8, true>(p, c, a, stream) : launch_fwd<T, 1, 8, false>(p, c, a, stream);
 }
@@ -509,7 +511,7 @@ cudaError_t bwd_typed(const MlgruScanBwdParams& p, const Config& c, const Kernel
   const int64_t blocks = p.seqs.num_seqs * c.blocks_per_seq;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   if (c.V == kV) {
-    mlgru_bwd_kernel<T, kV, 32 / kV><<<static_cast<unsigned>(blocks), c.W * c.K, c.smem_bytes, stream>>>(p, a);
+    mlgru_bwd_kernel<T, kV, kBwdValues / kV><<<static_cast<unsigned>(blocks), c.W * c.K, c.smem_bytes, stream>>>(p, a);
   } else {
     mlgru_bwd_kernel<T, 1, 8><<<static_cast<unsigned>(blocks), c.W * c.K, c.smem_bytes, stream>>>(p, a);
   }
@@ -521,11 +523,11 @@ cudaError_t bwd_typed(const MlgruScanBwdParams& p, const Config& c, const Kernel
 int64_t mlgru_workspace_floats(const MlgruSeqs&, DType, MlgruPath) { return 0; }
 
 // Checkpoints (one state vector per tile slot) followed by the [S, D] dL/dlb partials.
-// The vector path is assumed (its tile is the smaller one for fp32/bf16, so its slot count
-// bounds the scalar path's too: tile_scalar = 8K >= tile_vector = (32/V)K for V >= 4).
+// Sized for the larger of the vector and the scalar configuration (which one runs depends on
+// pointer alignment, known only at launch).
 int64_t mlgru_bwd_workspace_floats(const MlgruSeqs& q, DType dtype, MlgruPath path) {
-  const Config c = launch_config(q, dtype, path, true);
-  const Config c1 = launch_config(q, dtype, path, false);
+  const Config c = launch_config(q, dtype, path, true, true);
+  const Config c1 = launch_config(q, dtype, path, false, true);
   const int64_t slots = checkpoint_slots(q, c.tile) > checkpoint_slots(q, c1.tile) ? checkpoint_slots(q, c.tile)
                                                                                     : checkpoint_slots(q, c1.tile);
   return slots * q.dim + q.num_seqs * q.dim;
@@ -533,7 +535,7 @@ int64_t mlgru_bwd_workspace_floats(const MlgruSeqs& q, DType dtype, MlgruPath pa
 
 cudaError_t mlgru_scan(const MlgruScanParams& p, cudaStream_t stream) {
   if (p.seqs.num_seqs == 0 || p.seqs.dim == 0) return cudaSuccess;
-  const Config c = launch_config(p.seqs, p.dtype, p.path, vector_ok_fwd(p));
+  const Config c = launch_config(p.seqs, p.dtype, p.path, vector_ok_fwd(p), false);
   const KernelArgs a{c.W, c.K, c.blocks_per_seq, nullptr, nullptr};
   return fwd_dispatch(p, c, a, false, stream);
 }
@@ -542,9 +544,9 @@ cudaError_t mlgru_scan_backward(const MlgruScanBwdParams& p, cudaStream_t stream
   if (p.seqs.num_seqs == 0 || p.seqs.dim == 0) return cudaSuccess;
   if (p.workspace == nullptr) return cudaErrorInvalidValue;
   const bool vec = vector_ok_bwd(p);
-  const Config c = launch_config(p.seqs, p.dtype, p.path, vec);
-  const Config cv = launch_config(p.seqs, p.dtype, p.path, true);
-  const Config cs = launch_config(p.seqs, p.dtype, p.path, false);
+  const Config c = launch_config(p.seqs, p.dtype, p.path, vec, true);
+  const Config cv = launch_config(p.seqs, p.dtype, p.path, true, true);
+  const Config cs = launch_config(p.seqs, p.dtype, p.path, false, true);
   const int64_t slots = checkpoint_slots(p.seqs, cv.tile) > checkpoint_slots(p.seqs, cs.tile)
                             ? checkpoint_slots(p.seqs, cv.tile)
                             : checkpoint_slots(p.seqs, cs.tile);
