@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from . import ops
 from ._native import build_info, cpu_features, cpu_isa, cuda_available, set_cpu_isa
-from .ops import quantize_ternary, unpack_ternary
+from .ops import mlgru_scan, quantize_ternary, unpack_ternary
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ __all__ = [
     "cpu_features",
     "cpu_isa",
     "cuda_available",
+    "mlgru_scan",
     "ops",
     "quantize_ternary",
     "set_cpu_isa",

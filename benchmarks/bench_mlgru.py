@@ -1,0 +1,130 @@
+"""MLGRU scan benchmark: mmfree mlgru_scan against the unfused PyTorch composite and fla-core.
+
+Run: python benchmarks/bench_mlgru.py --device cuda --json out.json
+Bytes counted: forward reads i, f and writes h (3 tensors); forward+backward adds the
+backward's floor (reads i, f, grad_h, writes grad_i, grad_f): 8 tensors. fla-core's
+``chunk_hgrn`` / ``fused_recurrent_hgrn`` (if importable) get their gating done in PyTorch,
+as the paper's code does: ``x = silu(i) * (1 - f_t)``, ``g = log(f_t)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import mmfree_ext
+from common import Case, bench, print_table, save_json
+from mmfree_ext import reference as ref
+
+try:
+    from fla.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn
+except Exception as exc:
+    chunk_hgrn = fused_recurrent_hgrn = None
+    print(f"note: fla.ops.hgrn not importable ({type(exc).__name__}: {exc}); fla baselines skipped")
+
+
+def _inputs(b: int, t: int, d: int, dtype: torch.dtype, device: str, grad: bool = False):
+    i = torch.randn(b, t, d, device=device, dtype=dtype, requires_grad=grad)
+    f = (torch.randn(b, t, d, device=device) + 2.0).to(dtype).requires_grad_(grad)
+    lb = torch.rand(d, device=device) * 0.5
+    return i, f, lb
+
+
+def _fla_gates(i: torch.Tensor, f: torch.Tensor, lb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ft = lb + (1 - lb) * torch.sigmoid(f.float())
+    x = (torch.nn.functional.silu(i.float()) * (1 - ft)).to(i.dtype)
+    return x, torch.log(ft).to(i.dtype)
+
+
+def _fwd_cases(device: str, dtype: torch.dtype) -> list[Case]:
+    cases = []
+    esize = torch.tensor([], dtype=dtype).element_size()
+    shapes = [(4, 2048, 2560), (16, 2048, 2048), (1, 8192, 2560), (1, 1, 2560), (16, 1, 2560)]
+    if device == "cpu":
+        shapes = [(1, 512, 1024), (4, 2048, 2560)]
+    for b, t, d in shapes:
+        i, f, lb = _inputs(b, t, d, dtype, device)
+        nbytes = 3 * b * t * d * esize
+        shape = f"B={b} T={t} D={d}"
+        ours = lambda i=i, f=f, lb=lb: mmfree_ext.mlgru_scan(i, f, lb)
+        composite = lambda i=i, f=f, lb=lb: ref.mlgru_scan(i, f, lb)
+        slow_base = t * b * d > (1 << 24) and device == "cpu"
+        cases.append(
+            Case("mlgru_scan fwd", shape, ours, None if slow_base else composite, "torch composite", bytes=nbytes)
+        )
+        if device == "cuda":
+            for path, name in ((1, "sequential"), (2, "chunked")):
+                cases.append(
+                    Case(
+                        f"mlgru_scan fwd [{name}]",
+                        shape,
+                        lambda i=i, f=f, lb=lb, p=path: torch.ops.mmfree.mlgru_scan_impl(i, f, lb, None, None, None, p),
+                        bytes=nbytes,
+                    )
+                )
+            for fn, name in ((chunk_hgrn, "fla chunk_hgrn"), (fused_recurrent_hgrn, "fla fused_recurrent")):
+                if fn is not None and t > 1:
+                    cases.append(
+                        Case(
+                            "mlgru_scan fwd",
+                            shape,
+                            ours,
+                            lambda i=i, f=f, lb=lb, fn=fn: fn(*_fla_gates(i, f, lb), None, True),
+                            name,
+                            bytes=nbytes,
+                        )
+                    )
+    return cases
+
+
+def _fwd_bwd_cases(device: str, dtype: torch.dtype) -> list[Case]:
+    esize = torch.tensor([], dtype=dtype).element_size()
+    shapes = [(4, 2048, 2560)] if device == "cuda" else [(1, 512, 1024)]
+    cases = []
+    for b, t, d in shapes:
+        i, f, lb = _inputs(b, t, d, dtype, device, grad=True)
+        gh = torch.randn(b, t, d, device=device, dtype=dtype)
+
+        def ours(i=i, f=f, lb=lb, gh=gh) -> None:
+            h, _ = mmfree_ext.mlgru_scan(i, f, lb)
+            torch.autograd.grad(h, (i, f), gh)
+
+        def composite(i=i, f=f, lb=lb, gh=gh) -> None:
+            h, _ = ref.mlgru_scan(i, f, lb)
+            torch.autograd.grad(h, (i, f), gh)
+
+        nbytes = 8 * b * t * d * esize
+        shape = f"B={b} T={t} D={d}"
+        base = composite if device == "cpu" or t * b <= 4096 else None
+        cases.append(Case("mlgru_scan fwd+bwd", shape, ours, base, "torch composite", bytes=nbytes))
+        if device == "cuda" and chunk_hgrn is not None:
+
+            def fla(i=i, f=f, lb=lb, gh=gh) -> None:
+                o, _ = chunk_hgrn(*_fla_gates(i, f, lb), None, False)
+                torch.autograd.grad(o, (i, f), gh)
+
+            cases.append(Case("mlgru_scan fwd+bwd", shape, ours, fla, "fla chunk_hgrn", bytes=nbytes))
+    return cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    rows = [bench(c, args.device) for c in _fwd_cases(args.device, dtype)]
+    print_table(rows, f"mlgru_scan forward ({args.dtype}, {args.device})")
+    rows_b = [bench(c, args.device) for c in _fwd_bwd_cases(args.device, dtype)]
+    print_table(rows_b, f"mlgru_scan forward+backward ({args.dtype}, {args.device})")
+    if args.json:
+        save_json(rows + rows_b, args.json, {"bench": "mlgru", "dtype": args.dtype})
+
+
+if __name__ == "__main__":
+    main()

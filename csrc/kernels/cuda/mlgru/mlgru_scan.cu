@@ -1,0 +1,574 @@
+// CUDA MLGRU scan, forward and backward (algorithm notes: benchmarks/NOTES.md, "MLGRU scan").
+//
+// One CTA owns W channel vectors (V channels each, one 16-byte load) of one sequence and walks
+// its tokens in tiles of K*U: time-lane ty of the CTA holds U consecutive tokens in registers.
+// Per tile: (1) load i, f (and the mask) for all U tokens, gate them (sigmoid, lower bound,
+// silu fused), (2) fold the U tokens into one affine map h -> A*h + b per thread, (3) scan the
+// maps across the K time-lanes (warp shuffles, then the per-warp aggregates through shared
+// memory) starting from the tile's carried state, (4) rescan the U tokens from registers and
+// store h. Inputs are read once and h written once: 3 tensors of traffic, the floor.
+// K = 1 is the sequential path (decode, short T); K > 1 the chunked one (long T, few
+// sequences: the K chunks of a tile run in parallel). Which one runs: launch_config().
+//
+// The backward recomputes instead of saving states: a checkpoint pass (the forward without
+// stores) keeps the state entering every tile; the backward kernel walks the tiles last to
+// first, rebuilds h_{t-1} inside the tile from its checkpoint with the same scan, and runs
+// the reverse recurrence delta_t = grad_h_t + f_{t+1} delta_{t+1} as a suffix scan of affine
+// maps across the time-lanes. dL/dlb is reduced per CTA in a fixed order, then over
+// sequences in order by a second kernel: no atomics, deterministic.
+#include <cstdint>
+
+#include "cuda/common.cuh"
+#include "mlgru.h"
+
+namespace mmfree {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxTimeLanes = 128;
+// Values (tokens x channels) a thread holds per tile: the forward keeps f_t and c_t of 32 in
+// fp32 registers (2 CTAs/SM fit), the backward also i, f, grad_h and h_{t-1}, so 16.
+constexpr int kFwdValues = 32;
+constexpr int kBwdValues = 16;
+
+template <class T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+struct Range {
+  int64_t begin, end;
+};
+
+// Token range of sequence s. Varlen offsets are clamped into [0, N] and made non-decreasing
+// so a corrupt cu_seqlens cannot send the kernels out of bounds (it is not checked on CUDA:
+// that would need a host sync).
+__device__ __forceinline__ Range seq_range(const MlgruSeqs& q, int64_t s) {
+  if (q.cu_seqlens == nullptr) return {s * q.seq_len, (s + 1) * q.seq_len};
+  int64_t b = q.cu_seqlens[s], e = q.cu_seqlens[s + 1];
+  b = b < 0 ? 0 : (b > q.tokens ? q.tokens : b);
+  e = e < b ? b : (e > q.tokens ? q.tokens : e);
+  return {b, e};
+}
+
+// Where the checkpoint of tile j of a sequence starting at token `begin` lives: slot
+// floor(begin/tile) + s + j is unique over all (s, j) (see mlgru_bwd_workspace_floats).
+__device__ __forceinline__ int64_t checkpoint_slot(int64_t begin, int64_t s, int64_t j, int64_t tile) {
+  return begin / tile + s + j;
+}
+
+// exp and reciprocal: for 16-bit inputs the hardware approximations (__expf: ~2 ulp plus
+// |x|*2^-22 relative from the argument scaling; __fdividef: 2 ulp), far below the output's
+// rounding; for fp32 inputs the accurate expf and IEEE division, which the doubled bytes per
+// element pay for.
+template <bool kFast>
+__device__ __forceinline__ float exp_(float x) {
+  return kFast ? __expf(x) : expf(x);
+}
+template <bool kFast>
+__device__ __forceinline__ float recip_1p(float e) {
+  return kFast ? __fdividef(1.0f, 1.0f + e) : 1.0f / (1.0f + e);
+}
+
+// sigmoid(y) and 1 - sigmoid(y) = exp(-y) sigmoid(y) without cancellation. The exponent is
+// capped at 88 (finite, so 0 * inf never appears); NaN passes through the comparison.
+template <bool kFast>
+__device__ __forceinline__ void sigmoid2(float y, float& sg, float& one_minus_sg) {
+  float a = -y;
+  a = a > 88.0f ? 88.0f : a;
+  const float e = exp_<kFast>(a);
+  sg = recip_1p<kFast>(e);
+  one_minus_sg = e * sg;
+}
+
+template <class T, int V>
+__device__ __forceinline__ void load_pack(const void* base, int64_t off, float (&out)[V]) {
+  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(static_cast<const T*>(base) + off);
+#pragma unroll
+  for (int k = 0; k < V; ++k) out[k] = to_float(pk.v[k]);
+}
+
+template <class T, int V>
+__device__ __forceinline__ void store_pack(void* base, int64_t off, const float (&in)[V]) {
+  Pack<T, V> pk;
+#pragma unroll
+  for (int k = 0; k < V; ++k) pk.v[k] = from_float<T>(in[k]);
+  *reinterpret_cast<Pack<T, V>*>(static_cast<T*>(base) + off) = pk;
+}
+
+// The CTA's layout: thread = ty * W + tx, time-lane ty, channel vector tx. A warp holds G
+// consecutive time-lanes (G = 32 / W when W < 32); the NG = K / G warp groups meet in shared
+// memory.
+struct Layout {
+  int W, K, tx, ty, G, grp, lane_in_grp, NG;
+  __device__ Layout(int w, int k) : W(w), K(k) {
+    tx = threadIdx.x % W;
+    ty = threadIdx.x / W;
+    G = W >= 32 ? 1 : 32 / W;
+    G = G > K ? K : G;
+    grp = ty / G;
+    lane_in_grp = ty % G;
+    NG = K / G;
+  }
+};
+
+// Inclusive prefix (forward, kReverse = false) or suffix (reverse) scan of per-thread affine
+// maps x -> A x + b over the time-lanes of a warp group, composing earlier-then-later
+// (forward) or later-then-earlier (reverse). Also returns the exclusive map in (Ae, be).
+template <int V, bool kReverse>
+__device__ __forceinline__ void warp_scan(const Layout& L, float (&A)[V], float (&b)[V], float (&Ae)[V],
+                                          float (&be)[V]) {
+  for (int o = 1; o < L.G; o <<= 1) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float An = kReverse ? __shfl_down_sync(0xffffffffu, A[k], o * L.W) : __shfl_up_sync(0xffffffffu, A[k], o * L.W);
+      const float bn = kReverse ? __shfl_down_sync(0xffffffffu, b[k], o * L.W) : __shfl_up_sync(0xffffffffu, b[k], o * L.W);
+      const bool take = kReverse ? (L.lane_in_grp + o < L.G) : (L.lane_in_grp >= o);
+      if (take) {  // mine is the later map (forward) / the earlier one (reverse): apply the neighbour's first
+        b[k] = A[k] * bn + b[k];
+        A[k] = A[k] * An;
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const float An = kReverse ? __shfl_down_sync(0xffffffffu, A[k], L.W) : __shfl_up_sync(0xffffffffu, A[k], L.W);
+    const float bn = kReverse ? __shfl_down_sync(0xffffffffu, b[k], L.W) : __shfl_up_sync(0xffffffffu, b[k], L.W);
+    const bool has = kReverse ? (L.lane_in_grp + 1 < L.G) : (L.lane_in_grp > 0);
+    Ae[k] = has ? An : 1.0f;
+    be[k] = has ? bn : 0.0f;
+  }
+}
+
+// Publishes each warp group's aggregate map, then gives every thread the state entering its
+// own tokens (carry through the earlier groups and its group's exclusive map) and advances
+// the carry over the whole tile. Two barriers: the shared buffer is reused next tile.
+template <int V, bool kReverse>
+__device__ __forceinline__ void block_scan(const Layout& L, float* smem, float (&A)[V], float (&b)[V],
+                                           float (&carry)[V], float (&state_in)[V]) {
+  float Ae[V], be[V];
+  warp_scan<V, kReverse>(L, A, b, Ae, be);
+  const bool publisher = kReverse ? (L.lane_in_grp == 0) : (L.lane_in_grp == L.G - 1);
+  if (publisher) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      smem[((L.grp * L.W + L.tx) * V + k) * 2] = A[k];
+      smem[((L.grp * L.W + L.tx) * V + k) * 2 + 1] = b[k];
+    }
+  }
+  __syncthreads();
+  float x[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) x[k] = carry[k];
+  for (int gi = 0; gi < L.NG; ++gi) {
+    const int g = kReverse ? L.NG - 1 - gi : gi;
+    if (g == L.grp) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) state_in[k] = Ae[k] * x[k] + be[k];
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float ga = smem[((g * L.W + L.tx) * V + k) * 2];
+      const float gb = smem[((g * L.W + L.tx) * V + k) * 2 + 1];
+      x[k] = ga * x[k] + gb;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) carry[k] = x[k];
+  __syncthreads();
+}
+
+// Gates of one token for V channels: f_t and c_t (c = 0 where masked or out of range).
+template <bool kFast, int V>
+__device__ __forceinline__ void gate_token(const float (&xi)[V], const float (&xf)[V], const float (&lb)[V],
+                                           const float (&omlb)[V], bool valid, bool in_range, float (&ft)[V],
+                                           float (&c)[V]) {
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    float sg, omsg, si, omsi;
+    sigmoid2<kFast>(xf[k], sg, omsg);
+    sigmoid2<kFast>(xi[k], si, omsi);
+    const float f_t = lb[k] + omlb[k] * sg;
+    const float cc = xi[k] * si * (omlb[k] * omsg);
+    ft[k] = in_range ? f_t : 1.0f;
+    c[k] = (in_range && valid) ? cc : 0.0f;
+  }
+}
+
+struct KernelArgs {
+  int W, K, blocks_per_seq;
+  float* checkpoints;  // forward in checkpoint mode / backward
+  float* dlb_part;     // backward: [S, D]
+};
+
+template <class T, int V, int U, bool kCheckpointsOnly>
+__global__ void __launch_bounds__(kThreads, 2) mlgru_fwd_kernel(const MlgruScanParams p, const KernelArgs a) {
+  constexpr bool kFast = sizeof(T) == 2;
+  extern __shared__ float smem[];
+  const Layout L(a.W, a.K);
+  const int64_t s = blockIdx.x / a.blocks_per_seq;
+  const int64_t dim = p.seqs.dim;
+  const int64_t d0 = (static_cast<int64_t>(blockIdx.x % a.blocks_per_seq) * L.W + L.tx) * V;
+  const bool active = d0 < dim;
+  const Range r = seq_range(p.seqs, s);
+  const int64_t tile = static_cast<int64_t>(L.K) * U;
+
+  float lb[V], omlb[V], carry[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    lb[k] = (active && p.lower_bound != nullptr) ? static_cast<const float*>(p.lower_bound)[d0 + k] : 0.0f;
+    omlb[k] = 1.0f - lb[k];
+    carry[k] = (active && p.h0 != nullptr) ? static_cast<const float*>(p.h0)[s * dim + d0 + k] : 0.0f;
+  }
+  for (int64_t t0 = r.begin, j = 0; t0 < r.end; t0 += tile, ++j) {
+    if (kCheckpointsOnly && active && L.ty == 0) {
+      float* ck = a.checkpoints + checkpoint_slot(r.begin, s, j, tile) * dim + d0;
+#pragma unroll
+      for (int k = 0; k < V; ++k) ck[k] = carry[k];
+    }
+    const int64_t tb = t0 + static_cast<int64_t>(L.ty) * U;
+    float xi[U][V], xf[U][V];
+    bool valid[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {  // all loads first: U * 2 vectors in flight per thread
+      const int64_t t = tb + u;
+      const bool in = active && t < r.end;
+      if (in) {
+        load_pack<T, V>(p.i, t * dim + d0, xi[u]);
+        load_pack<T, V>(p.f, t * dim + d0, xf[u]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) xi[u][k] = xf[u][k] = 0.0f;
+      }
+      valid[u] = in && (p.mask == nullptr || p.mask[t] != 0);
+    }
+    float ft[U][V], c[U][V], A[V], b[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) { A[k] = 1.0f; b[k] = 0.0f; }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      gate_token<kFast, V>(xi[u], xf[u], lb, omlb, valid[u], tb + u < r.end, ft[u], c[u]);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        b[k] = ft[u][k] * b[k] + c[u][k];
+        A[k] = ft[u][k] * A[k];
+      }
+    }
+    float h[V];
+    block_scan<V, false>(L, smem, A, b, carry, h);
+    if (!kCheckpointsOnly) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) h[k] = ft[u][k] * h[k] + c[u][k];
+        if (active && tb + u < r.end) store_pack<T, V>(p.h, (tb + u) * dim + d0, h);
+      }
+    }
+  }
+  if (!kCheckpointsOnly && active && L.ty == 0) {
+    float* last = static_cast<float*>(p.h_last) + s * dim + d0;
+#pragma unroll
+    for (int k = 0; k < V; ++k) last[k] = carry[k];
+  }
+}
+
+template <class T, int V, int U>
+__global__ void __launch_bounds__(kThreads) mlgru_bwd_kernel(const MlgruScanBwdParams p, const KernelArgs a) {
+  constexpr bool kFast = sizeof(T) == 2;
+  extern __shared__ float smem[];
+  const Layout L(a.W, a.K);
+  const int64_t s = blockIdx.x / a.blocks_per_seq;
+  const int64_t dim = p.seqs.dim;
+  const int64_t d0 = (static_cast<int64_t>(blockIdx.x % a.blocks_per_seq) * L.W + L.tx) * V;
+  const bool active = d0 < dim;
+  const Range r = seq_range(p.seqs, s);
+  const int64_t tile = static_cast<int64_t>(L.K) * U;
+  const int64_t tiles = (r.end - r.begin + tile - 1) / tile;
+
+  float lb[V], omlb[V], e_carry[V], dlb[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    lb[k] = (active && p.lower_bound != nullptr) ? static_cast<const float*>(p.lower_bound)[d0 + k] : 0.0f;
+    omlb[k] = 1.0f - lb[k];
+    e_carry[k] = active ? static_cast<const float*>(p.grad_h_last)[s * dim + d0 + k] : 0.0f;
+    dlb[k] = 0.0f;
+  }
+  for (int64_t j = tiles - 1; j >= 0; --j) {
+    const int64_t tb = r.begin + j * tile + static_cast<int64_t>(L.ty) * U;
+    float xi[U][V], xf[U][V], gh[U][V];
+    bool valid[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t t = tb + u;
+      const bool in = active && t < r.end;
+      if (in) {
+        load_pack<T, V>(p.i, t * dim + d0, xi[u]);
+        load_pack<T, V>(p.f, t * dim + d0, xf[u]);
+        load_pack<T, V>(p.grad_h, t * dim + d0, gh[u]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) xi[u][k] = xf[u][k] = gh[u][k] = 0.0f;
+      }
+      valid[u] = in && (p.mask == nullptr || p.mask[t] != 0);
+    }
+    // Forward inside the tile from its checkpoint: h_{t-1} of every token, kept in hp.
+    float ft[U][V], hp[U][V], A[V], b[V], h_carry[V], h[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      A[k] = 1.0f;
+      b[k] = 0.0f;
+      h_carry[k] = active ? a.checkpoints[checkpoint_slot(r.begin, s, j, tile) * dim + d0 + k] : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      gate_token<kFast, V>(xi[u], xf[u], lb, omlb, valid[u], tb + u < r.end, ft[u], hp[u]);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        b[k] = ft[u][k] * b[k] + hp[u][k];
+        A[k] = ft[u][k] * A[k];
+      }
+    }
+    block_scan<V, false>(L, smem, A, b, h_carry, h);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const float c = hp[u][k];
+        hp[u][k] = h[k];
+        h[k] = ft[u][k] * h[k] + c;
+      }
+    }
+    // Reverse: e = dL/dh flowing into h_{t-1}; per thread e_out = P e_in + q over its tokens.
+    float P[V], q[V], e[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) { P[k] = 1.0f; q[k] = 0.0f; }
+#pragma unroll
+    for (int u = U - 1; u >= 0; --u) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        q[k] = ft[u][k] * (gh[u][k] + q[k]);
+        P[k] = ft[u][k] * P[k];
+      }
+    }
+    block_scan<V, true>(L, smem, P, q, e_carry, e);
+#pragma unroll
+    for (int u = U - 1; u >= 0; --u) {
+      float di[V], df[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        float sg, omsg, si, omsi;
+        sigmoid2<kFast>(xf[u][k], sg, omsg);
+        sigmoid2<kFast>(xi[u][k], si, omsi);
+        const float delta = gh[u][k] + e[k];
+        const float silu = valid[u] ? xi[u][k] * si : 0.0f;
+        const float dsilu = si * (1.0f + xi[u][k] * omsi);
+        di[k] = valid[u] ? delta * (omlb[k] * omsg) * dsilu : 0.0f;
+        const float dft = delta * (hp[u][k] - silu);
+        df[k] = dft * omlb[k] * (sg * omsg);
+        dlb[k] += (tb + u < r.end) ? dft * omsg : 0.0f;
+        e[k] = ft[u][k] * delta;
+      }
+      if (active && tb + u < r.end) {
+        store_pack<T, V>(p.grad_i, (tb + u) * dim + d0, di);
+        store_pack<T, V>(p.grad_f, (tb + u) * dim + d0, df);
+      }
+    }
+  }
+  // dL/dh0 = the flow out of the first token; dL/dlb reduced over the time-lanes in order.
+  if (active && L.ty == 0) {
+    float* dh0 = static_cast<float*>(p.grad_h0) + s * dim + d0;
+#pragma unroll
+    for (int k = 0; k < V; ++k) dh0[k] = e_carry[k];
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) smem[(L.ty * L.W + L.tx) * V + k] = dlb[k];
+  __syncthreads();
+  if (active && L.ty == 0) {
+    for (int k = 0; k < V; ++k) {
+      float sum = 0.0f;
+      for (int y = 0; y < L.K; ++y) sum += smem[(y * L.W + L.tx) * V + k];
+      a.dlb_part[s * dim + d0 + k] = sum;
+    }
+  }
+}
+
+// grad_lower_bound[d] = sum over sequences of the per-sequence partials, in sequence order.
+__global__ void mlgru_dlb_reduce_kernel(const float* part, int64_t seqs, int64_t dim, float* out) {
+  const int64_t d = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (d >= dim) return;
+  float sum = 0.0f;
+  for (int64_t s = 0; s < seqs; ++s) sum += part[s * dim + d];
+  out[d] = sum;
+}
+
+// ---- launch configuration ----------------------------------------------------------------
+
+struct Config {
+  int V, U, W, K, blocks_per_seq;
+  int64_t tile;
+  size_t smem_bytes;
+};
+
+int sm_count() {
+  int dev = 0, n = 132;
+  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+  return n > 0 ? n : 132;
+}
+
+int pow2_ceil(int64_t x) {
+  int p = 1;
+  while (p < x && p < (1 << 30)) p <<= 1;
+  return p;
+}
+
+// V: one 16-byte vector when D allows it (else 1 channel); U tokens per thread (U*V = 32
+// values in registers, 16 in the backward); then time-lanes K so one tile covers the sequence (K = 1 when a thread's
+// U tokens already do: the sequential path), and channel vectors W = 256 / K. When that leaves
+// the GPU short of CTAs, trade W for K. Every row segment a warp touches stays >= 32 bytes.
+Config launch_config(const MlgruSeqs& q, DType dtype, MlgruPath path, bool vector_ok, bool backward) {
+  Config c{};
+  const int esize = dtype_size(dtype);
+  c.V = vector_ok ? 16 / esize : 1;
+  c.U = c.V == 1 ? 8 : (backward ? kBwdValues : kFwdValues) / c.V;
+  const int64_t nvec = (q.dim + c.V - 1) / c.V;
+  const int64_t avg_len = q.num_seqs > 0 ? (q.tokens + q.num_seqs - 1) / q.num_seqs : 0;
+  const int w_min = c.V * esize >= 32 ? 1 : 32 / (c.V * esize);
+  int k = pow2_ceil((avg_len + c.U - 1) / c.U);
+  k = k > kMaxTimeLanes ? kMaxTimeLanes : k;
+  if (path == MlgruPath::kSequential) k = 1;
+  if (path == MlgruPath::kChunked && k < 2) k = 2;
+  int w = kThreads / k;
+  const int w_need = pow2_ceil(nvec);
+  if (w > w_need) w = w_need > w_min ? w_need : w_min;
+  if (w < w_min) w = w_min;
+  if (w * k > kThreads) k = kThreads / w;
+  if (k < 1) k = 1;
+  const int64_t target = 2LL * sm_count();
+  while (path != MlgruPath::kSequential && q.num_seqs * ((nvec + w - 1) / w) < target && w > w_min &&
+         k < kMaxTimeLanes && static_cast<int64_t>(k) * c.U < avg_len) {
+    w /= 2;
+    k *= 2;
+  }
+  if (w * k < 32) w = 32 / k;  // whole warps: the shuffles use the full mask
+  c.W = w;
+  c.K = k;
+  c.blocks_per_seq = static_cast<int>((nvec + w - 1) / w);
+  c.tile = static_cast<int64_t>(k) * c.U;
+  const size_t scan = static_cast<size_t>(k) * w * c.V * 2 * sizeof(float);  // >= the dlb buffer
+  c.smem_bytes = scan;
+  return c;
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+bool vector_ok_fwd(const MlgruScanParams& p) {
+  const int v = 16 / dtype_size(p.dtype);
+  return p.seqs.dim % v == 0 && aligned16(p.i) && aligned16(p.f) && aligned16(p.h);
+}
+
+bool vector_ok_bwd(const MlgruScanBwdParams& p) {
+  const int v = 16 / dtype_size(p.dtype);
+  return p.seqs.dim % v == 0 && aligned16(p.i) && aligned16(p.f) && aligned16(p.grad_h) && aligned16(p.grad_i) &&
+         aligned16(p.grad_f);
+}
+
+int64_t checkpoint_slots(const MlgruSeqs& q, int64_t tile) { return q.tokens / tile + q.num_seqs + 1; }
+
+template <class T, int V, int U, bool kCk>
+cudaError_t launch_fwd(const MlgruScanParams& p, const Config& c, const KernelArgs& a, cudaStream_t stream) {
+  const int64_t blocks = p.seqs.num_seqs * c.blocks_per_seq;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  mlgru_fwd_kernel<T, V, U, kCk><<<static_cast<unsigned>(blocks), c.W * c.K, c.smem_bytes, stream>>>(p, a);
+  return cudaGetLastError();
+}
+
+// The checkpoint pass runs on the backward's tiles (U = kBwdValues / V).
+template <class T>
+cudaError_t fwd_typed(const MlgruScanParams& p, const Config& c, const KernelArgs& a, bool checkpoints,
+                      cudaStream_t stream) {
+  constexpr int kV = 16 / sizeof(T);
+  if (c.V == kV) {
+    return checkpoints ? launch_fwd<T, kV, kBwdValues / kV, true>(p, c, a, stream)
+                       : launch_fwd<T, kV, kFwdValues / kV, false>(p, c, a, stream);
+  }
+  return checkpoints ? launch_fwd<T, 1, 8, true>(p, c, a, stream) : launch_fwd<T, 1, 8, false>(p, c, a, stream);
+}
+
+cudaError_t fwd_dispatch(const MlgruScanParams& p, const Config& c, const KernelArgs& a, bool checkpoints,
+                         cudaStream_t stream) {
+  switch (p.dtype) {
+    case DType::kFloat32: return fwd_typed<float>(p, c, a, checkpoints, stream);
+    case DType::kBFloat16: return fwd_typed<__nv_bfloat16>(p, c, a, checkpoints, stream);
+    case DType::kFloat16: return fwd_typed<__half>(p, c, a, checkpoints, stream);
+    default: return cudaErrorInvalidValue;  // float64 is CPU-only (checked by the binding)
+  }
+}
+
+template <class T>
+cudaError_t bwd_typed(const MlgruScanBwdParams& p, const Config& c, const KernelArgs& a, cudaStream_t stream) {
+  constexpr int kV = 16 / sizeof(T);
+  const int64_t blocks = p.seqs.num_seqs * c.blocks_per_seq;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  if (c.V == kV) {
+    mlgru_bwd_kernel<T, kV, kBwdValues / kV><<<static_cast<unsigned>(blocks), c.W * c.K, c.smem_bytes, stream>>>(p, a);
+  } else {
+    mlgru_bwd_kernel<T, 1, 8><<<static_cast<unsigned>(blocks), c.W * c.K, c.smem_bytes, stream>>>(p, a);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int64_t mlgru_workspace_floats(const MlgruSeqs&, DType, MlgruPath) { return 0; }
+
+// Checkpoints (one state vector per tile slot) followed by the [S, D] dL/dlb partials.
+// Sized for the larger of the vector and the scalar configuration (which one runs depends on
+// pointer alignment, known only at launch).
+int64_t mlgru_bwd_workspace_floats(const MlgruSeqs& q, DType dtype, MlgruPath path) {
+  const Config c = launch_config(q, dtype, path, true, true);
+  const Config c1 = launch_config(q, dtype, path, false, true);
+  const int64_t slots = checkpoint_slots(q, c.tile) > checkpoint_slots(q, c1.tile) ? checkpoint_slots(q, c.tile)
+                                                                                    : checkpoint_slots(q, c1.tile);
+  return slots * q.dim + q.num_seqs * q.dim;
+}
+
+cudaError_t mlgru_scan(const MlgruScanParams& p, cudaStream_t stream) {
+  if (p.seqs.num_seqs == 0 || p.seqs.dim == 0) return cudaSuccess;
+  const Config c = launch_config(p.seqs, p.dtype, p.path, vector_ok_fwd(p), false);
+  const KernelArgs a{c.W, c.K, c.blocks_per_seq, nullptr, nullptr};
+  return fwd_dispatch(p, c, a, false, stream);
+}
+
+cudaError_t mlgru_scan_backward(const MlgruScanBwdParams& p, cudaStream_t stream) {
+  if (p.seqs.num_seqs == 0 || p.seqs.dim == 0) return cudaSuccess;
+  if (p.workspace == nullptr) return cudaErrorInvalidValue;
+  const bool vec = vector_ok_bwd(p);
+  const Config c = launch_config(p.seqs, p.dtype, p.path, vec, true);
+  const Config cv = launch_config(p.seqs, p.dtype, p.path, true, true);
+  const Config cs = launch_config(p.seqs, p.dtype, p.path, false, true);
+  const int64_t slots = checkpoint_slots(p.seqs, cv.tile) > checkpoint_slots(p.seqs, cs.tile)
+                            ? checkpoint_slots(p.seqs, cv.tile)
+                            : checkpoint_slots(p.seqs, cs.tile);
+  float* checkpoints = p.workspace;
+  float* dlb_part = p.workspace + slots * p.seqs.dim;
+  const KernelArgs a{c.W, c.K, c.blocks_per_seq, checkpoints, dlb_part};
+  // The checkpoint pass is the forward kernel on the same tiles, storing only tile states.
+  MlgruScanParams fp{p.seqs, p.dtype, p.i, p.f, p.lower_bound, p.h0, p.mask, nullptr, nullptr, p.path, nullptr};
+  cudaError_t err = fwd_dispatch(fp, c, a, true, stream);
+  if (err != cudaSuccess) return err;
+  switch (p.dtype) {
+    case DType::kFloat32: err = bwd_typed<float>(p, c, a, stream); break;
+    case DType::kBFloat16: err = bwd_typed<__nv_bfloat16>(p, c, a, stream); break;
+    case DType::kFloat16: err = bwd_typed<__half>(p, c, a, stream); break;
+    default: return cudaErrorInvalidValue;
+  }
+  if (err != cudaSuccess) return err;
+  const int threads = 256;
+  mlgru_dlb_reduce_kernel<<<ceil_div(p.seqs.dim, threads), threads, 0, stream>>>(
+      dlb_part, p.seqs.num_seqs, p.seqs.dim, static_cast<float*>(p.grad_lower_bound));
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace mmfree
