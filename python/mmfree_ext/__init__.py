@@ -8,9 +8,16 @@ implementation of everything is in :mod:`mmfree_ext.reference`.
 
 from __future__ import annotations
 
-from . import ops
+from . import nn, ops
 from ._native import build_info, cpu_features, cpu_isa, cuda_available, set_cpu_isa
-from .ops import quantize_ternary, unpack_ternary
+from .ops import (
+    quantize_ternary,
+    ternary_linear,
+    ternary_linear_packed,
+    ternary_matmul,
+    ternary_matmul_t,
+    unpack_ternary,
+)
 
 __version__ = "0.1.0"
 
@@ -20,8 +27,13 @@ __all__ = [
     "cpu_features",
     "cpu_isa",
     "cuda_available",
+    "nn",
     "ops",
     "quantize_ternary",
     "set_cpu_isa",
+    "ternary_linear",
+    "ternary_linear_packed",
+    "ternary_matmul",
+    "ternary_matmul_t",
     "unpack_ternary",
 ]

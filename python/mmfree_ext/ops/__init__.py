@@ -6,5 +6,13 @@ native schemas and CPU/CUDA kernels are registered by importing mmfree_ext._C.
 
 from .. import _native  # noqa: F401  (registers the native schemas before the fakes below)
 from .pack import quantize_ternary, unpack_ternary
+from .ternary import ternary_linear, ternary_linear_packed, ternary_matmul, ternary_matmul_t
 
-__all__ = ["quantize_ternary", "unpack_ternary"]
+__all__ = [
+    "quantize_ternary",
+    "ternary_linear",
+    "ternary_linear_packed",
+    "ternary_matmul",
+    "ternary_matmul_t",
+    "unpack_ternary",
+]
