@@ -389,7 +389,7 @@ def test_linear_rejects_bad_input() -> None:
     with pytest.raises(RuntimeError, match="'weight' must be contiguous"):
         torch.ops.mmfree.ternary_linear(x, torch.randn(100, 6).t(), g, 1e-6)
     packed, w_scale = torch.ops.mmfree.quantize_ternary(w)
-    with pytest.raises(RuntimeError, match="'packed' must have 32 bytes per row"):
+    with pytest.raises(RuntimeError, match="'packed' must have 64 bytes per row"):
         torch.ops.mmfree.ternary_linear_packed(torch.randn(4, 200), packed, w_scale, torch.ones(200), 1e-6)
 
 
