@@ -83,30 +83,43 @@ void unpack_chunk(const uint8_t* packed, int64_t rb, int64_t n, int rows, int64_
   }
 }
 
-// MR activation rows x kNr unpacked weight rows over one chunk; adds the offset dot
-// products into acc[i * kNr + r].
+// One activation row against the kNr code rows of this k step (int16 accumulation).
+inline void row_step(__m256i& s0, __m256i& s1, __m256i& s2, __m256i& s3, const __m256i* c, __m256i xv) {
+  s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(c[0], xv));
+  s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(c[1], xv));
+  s2 = _mm256_add_epi16(s2, _mm256_maddubs_epi16(c[2], xv));
+  s3 = _mm256_add_epi16(s3, _mm256_maddubs_epi16(c[3], xv));
+}
+
+// Adds the int32 sums of four int16 accumulators to acc[0..3].
+inline void flush4(__m256i s0, __m256i s1, __m256i s2, __m256i s3, int32_t* acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i t0 = _mm256_madd_epi16(s0, ones), t1 = _mm256_madd_epi16(s1, ones);
+  const __m256i t2 = _mm256_madd_epi16(s2, ones), t3 = _mm256_madd_epi16(s3, ones);
+  const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(t0, t1), _mm256_hadd_epi32(t2, t3));
+  const __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  __m128i* a = reinterpret_cast<__m128i*>(acc);
+  _mm_storeu_si128(a, _mm_add_epi32(_mm_loadu_si128(a), sum));
+}
+
+// MR (1 or 2) activation rows x kNr unpacked weight rows over one chunk (<= kChunk, so each
+// int16 lane adds at most kChunk/32 maddubs results); adds into acc[i * kNr + r]. Named
+// accumulators: GCC 12 spills a __m256i[MR][4] array to the stack every step.
 template <int MR>
 void micro(const uint8_t* codes, const int8_t* x, int64_t stride, int64_t klen, int32_t* acc) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i s[MR][kNr];
-  for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < kNr; ++r) s[i][r] = _mm256_setzero_si256();
+  static_assert(MR == 1 || MR == 2, "micro-tile shape");
+  const __m256i z = _mm256_setzero_si256();
+  __m256i s00 = z, s01 = z, s02 = z, s03 = z, s10 = z, s11 = z, s12 = z, s13 = z;
   for (int64_t k = 0; k < klen; k += 32) {
     __m256i c[kNr];
     for (int r = 0; r < kNr; ++r) c[r] = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + r * kChunk + k));
-    for (int i = 0; i < MR; ++i) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * stride + k));
-      for (int r = 0; r < kNr; ++r) s[i][r] = _mm256_add_epi16(s[i][r], _mm256_maddubs_epi16(c[r], xv));
+    row_step(s00, s01, s02, s03, c, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k)));
+    if constexpr (MR > 1) {
+      row_step(s10, s11, s12, s13, c, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + stride + k)));
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    const __m256i t0 = _mm256_madd_epi16(s[i][0], ones), t1 = _mm256_madd_epi16(s[i][1], ones);
-    const __m256i t2 = _mm256_madd_epi16(s[i][2], ones), t3 = _mm256_madd_epi16(s[i][3], ones);
-    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(t0, t1), _mm256_hadd_epi32(t2, t3));
-    const __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-    __m128i* a = reinterpret_cast<__m128i*>(acc + i * kNr);
-    _mm_storeu_si128(a, _mm_add_epi32(_mm_loadu_si128(a), sum));
-  }
+  flush4(s00, s01, s02, s03, acc);
+  if constexpr (MR > 1) flush4(s10, s11, s12, s13, acc + kNr);
 }
 
 void gemm(const TernaryMatmulParams& p, const PreparedX& px, int64_t n0, int64_t n1) {

@@ -40,7 +40,12 @@ inline int32_t reduce_add(__m512i v) {
 template <bool kVnni>
 inline __m512i dot_add(__m512i acc, __m512i codes, __m512i x) {
   if constexpr (kVnni) {
-    return _mm512_dpbusd_epi32(acc, codes, x);
+    // Same instruction as _mm512_dpbusd_epi32(acc, codes, x) (GCC's own operand order:
+    // "vpdpbusd %3, %2, %0" with %1 tied to %0), written as asm because GCC 12's register
+    // allocator copies every accumulator of the intrinsic once per step (one extra move per
+    // vpdpbusd in the GEMM loop).
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(codes), "vm"(x));
+    return acc;
   } else {
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(codes, x), _mm512_set1_epi16(1)));
   }
@@ -90,21 +95,35 @@ void unpack_chunk(const uint8_t* packed, int64_t rb, int64_t n, int rows, int64_
   }
 }
 
+// One activation row against the kNr code rows of this k step.
+template <bool kVnni>
+inline void row_step(__m512i& a0, __m512i& a1, __m512i& a2, __m512i& a3, const __m512i* c, __m512i xv) {
+  a0 = dot_add<kVnni>(a0, c[0], xv);
+  a1 = dot_add<kVnni>(a1, c[1], xv);
+  a2 = dot_add<kVnni>(a2, c[2], xv);
+  a3 = dot_add<kVnni>(a3, c[3], xv);
+}
+
+// MR (<= kMr) activation rows x kNr unpacked weight rows over one chunk. The sixteen
+// accumulators are named variables: as a __m512i[4][4] array GCC 12 shuffles them through
+// extra register moves every step.
 template <bool kVnni, int MR>
 void micro(const uint8_t* codes, const int8_t* x, int64_t stride, int64_t klen, int32_t* acc) {
-  __m512i s[MR][kNr];
-  for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < kNr; ++r) s[i][r] = _mm512_setzero_si512();
+  static_assert(MR >= 1 && MR <= kMr && kNr == 4, "micro-tile shape");
+  const __m512i z = _mm512_setzero_si512();
+  __m512i a00 = z, a01 = z, a02 = z, a03 = z, a10 = z, a11 = z, a12 = z, a13 = z;
+  __m512i a20 = z, a21 = z, a22 = z, a23 = z, a30 = z, a31 = z, a32 = z, a33 = z;
   for (int64_t k = 0; k < klen; k += 64) {
     __m512i c[kNr];
     for (int r = 0; r < kNr; ++r) c[r] = _mm512_load_si512(codes + r * kChunk + k);
-    for (int i = 0; i < MR; ++i) {
-      const __m512i xv = _mm512_loadu_si512(x + i * stride + k);
-      for (int r = 0; r < kNr; ++r) s[i][r] = dot_add<kVnni>(s[i][r], c[r], xv);
-    }
+    row_step<kVnni>(a00, a01, a02, a03, c, _mm512_loadu_si512(x + k));
+    if constexpr (MR > 1) row_step<kVnni>(a10, a11, a12, a13, c, _mm512_loadu_si512(x + stride + k));
+    if constexpr (MR > 2) row_step<kVnni>(a20, a21, a22, a23, c, _mm512_loadu_si512(x + 2 * stride + k));
+    if constexpr (MR > 3) row_step<kVnni>(a30, a31, a32, a33, c, _mm512_loadu_si512(x + 3 * stride + k));
   }
+  const __m512i all[kMr][kNr] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
   for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < kNr; ++r) acc[i * kNr + r] += reduce_add(s[i][r]);
+    for (int r = 0; r < kNr; ++r) acc[i * kNr + r] += reduce_add(all[i][r]);
 }
 
 template <bool kVnni>

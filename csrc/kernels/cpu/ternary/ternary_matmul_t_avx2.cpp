@@ -41,28 +41,47 @@ void decode_panel(const TernaryMatmulTParams& p, int64_t n0, int64_t rows, int64
   }
 }
 
-// c[i, 0..cols) += sum_n a[i, n] * b[n, 0..16) for MR rows.
-template <int MR>
-void micro(const float* a, int64_t lda, const float* b, int64_t nlen, float* c, int64_t ldc, int cols) {
-  __m256 acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+// c[i, 0..cols) += sum_n a[n][i] * b[n][0..16) for i < rows_out, with a packed as [n][6]
+// (contiguous, so the six broadcasts of one step share a cache line and rows of grad that
+// are 4 KiB apart cannot alias in L1).
+void micro(const float* a, const float* b, int64_t nlen, float* c, int64_t ldc, int rows_out, int cols) {
+  // Twelve named accumulators: GCC 12 keeps a __m256[6][2] array on the stack (a store per
+  // FMA), which cost 3x here.
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int64_t n = 0; n < nlen; ++n) {
     const __m256 b0 = _mm256_load_ps(b + n * 16), b1 = _mm256_load_ps(b + n * 16 + 8);
-    for (int i = 0; i < MR; ++i) {
-      const __m256 av = _mm256_broadcast_ss(a + i * lda + n);
-      acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
-    }
+    const float* an = a + n * 6;
+    __m256 av = _mm256_broadcast_ss(an + 0);
+    c00 = _mm256_fmadd_ps(av, b0, c00);
+    c01 = _mm256_fmadd_ps(av, b1, c01);
+    av = _mm256_broadcast_ss(an + 1);
+    c10 = _mm256_fmadd_ps(av, b0, c10);
+    c11 = _mm256_fmadd_ps(av, b1, c11);
+    av = _mm256_broadcast_ss(an + 2);
+    c20 = _mm256_fmadd_ps(av, b0, c20);
+    c21 = _mm256_fmadd_ps(av, b1, c21);
+    av = _mm256_broadcast_ss(an + 3);
+    c30 = _mm256_fmadd_ps(av, b0, c30);
+    c31 = _mm256_fmadd_ps(av, b1, c31);
+    av = _mm256_broadcast_ss(an + 4);
+    c40 = _mm256_fmadd_ps(av, b0, c40);
+    c41 = _mm256_fmadd_ps(av, b1, c41);
+    av = _mm256_broadcast_ss(an + 5);
+    c50 = _mm256_fmadd_ps(av, b0, c50);
+    c51 = _mm256_fmadd_ps(av, b1, c51);
   }
-  for (int i = 0; i < MR; ++i) {
+  const __m256 lo[6] = {c00, c10, c20, c30, c40, c50};
+  const __m256 hi[6] = {c01, c11, c21, c31, c41, c51};
+  for (int i = 0; i < rows_out; ++i) {
     float* ci = c + i * ldc;
     if (cols == 16) {
-      _mm256_storeu_ps(ci, _mm256_add_ps(_mm256_loadu_ps(ci), acc[i][0]));
-      _mm256_storeu_ps(ci + 8, _mm256_add_ps(_mm256_loadu_ps(ci + 8), acc[i][1]));
+      _mm256_storeu_ps(ci, _mm256_add_ps(_mm256_loadu_ps(ci), lo[i]));
+      _mm256_storeu_ps(ci + 8, _mm256_add_ps(_mm256_loadu_ps(ci + 8), hi[i]));
     } else {
       alignas(32) float tmp[16];
-      _mm256_store_ps(tmp, acc[i][0]);
-      _mm256_store_ps(tmp + 8, acc[i][1]);
+      _mm256_store_ps(tmp, lo[i]);
+      _mm256_store_ps(tmp + 8, hi[i]);
       for (int j = 0; j < cols; ++j) ci[j] += tmp[j];
     }
   }
@@ -72,25 +91,20 @@ void micro(const float* a, int64_t lda, const float* b, int64_t nlen, float* c, 
 
 void matmul_t_tile_avx2(const TernaryMatmulTParams& p, int64_t m0, int64_t m1, int64_t k0, int64_t k1) {
   alignas(64) static thread_local float panel[kStrips * kPanelRows * 16];
+  alignas(64) float apack[kPanelRows * 6];
   const int64_t cols = k1 - k0;
   for (int64_t m = m0; m < m1; ++m) std::memset(p.out + m * p.K + k0, 0, sizeof(float) * static_cast<size_t>(cols));
   for (int64_t n0 = 0; n0 < p.N; n0 += kPanelRows) {
     const int64_t rows = std::min(kPanelRows, p.N - n0);
     decode_panel(p, n0, rows, k0, panel);
-    for (int s = 0; s < kStrips && 16 * s < cols; ++s) {
-      const int scols = static_cast<int>(std::min<int64_t>(16, cols - 16 * s));
-      const float* b = panel + s * kPanelRows * 16;
-      int64_t m = m0;
-      for (; m + 6 <= m1; m += 6) micro<6>(p.grad + m * p.N + n0, p.N, b, rows, p.out + m * p.K + k0 + 16 * s, p.K, scols);
-      const float* a = p.grad + m * p.N + n0;
-      float* c = p.out + m * p.K + k0 + 16 * s;
-      switch (m1 - m) {
-        case 5: micro<5>(a, p.N, b, rows, c, p.K, scols); break;
-        case 4: micro<4>(a, p.N, b, rows, c, p.K, scols); break;
-        case 3: micro<3>(a, p.N, b, rows, c, p.K, scols); break;
-        case 2: micro<2>(a, p.N, b, rows, c, p.K, scols); break;
-        case 1: micro<1>(a, p.N, b, rows, c, p.K, scols); break;
-        default: break;
+    for (int64_t m = m0; m < m1; m += 6) {
+      const int mr = static_cast<int>(std::min<int64_t>(6, m1 - m));
+      for (int64_t n = 0; n < rows; ++n) {
+        for (int i = 0; i < 6; ++i) apack[n * 6 + i] = i < mr ? p.grad[(m + i) * p.N + n0 + n] : 0.f;
+      }
+      for (int s = 0; s < kStrips && 16 * s < cols; ++s) {
+        const int scols = static_cast<int>(std::min<int64_t>(16, cols - 16 * s));
+        micro(apack, panel + s * kPanelRows * 16, rows, p.out + m * p.K + k0 + 16 * s, p.K, mr, scols);
       }
     }
   }
