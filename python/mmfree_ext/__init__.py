@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from . import ops
 from ._native import build_info, cpu_features, cpu_isa, cuda_available, set_cpu_isa
-from .ops import quantize_ternary, unpack_ternary
+from .ops import (
+    quantize_ternary,
+    rms_norm,
+    rms_norm_quant,
+    rms_norm_quant_multi,
+    rms_norm_swish_gate,
+    rms_norm_swish_gate_quant,
+    unpack_ternary,
+)
 
 __version__ = "0.1.0"
 
@@ -22,6 +30,11 @@ __all__ = [
     "cuda_available",
     "ops",
     "quantize_ternary",
+    "rms_norm",
+    "rms_norm_quant",
+    "rms_norm_quant_multi",
+    "rms_norm_swish_gate",
+    "rms_norm_swish_gate_quant",
     "set_cpu_isa",
     "unpack_ternary",
 ]
