@@ -12,6 +12,11 @@ from . import nn, ops
 from ._native import build_info, cpu_features, cpu_isa, cuda_available, set_cpu_isa
 from .ops import (
     quantize_ternary,
+    rms_norm,
+    rms_norm_quant,
+    rms_norm_quant_multi,
+    rms_norm_swish_gate,
+    rms_norm_swish_gate_quant,
     ternary_linear,
     ternary_linear_packed,
     ternary_matmul,
@@ -30,6 +35,11 @@ __all__ = [
     "nn",
     "ops",
     "quantize_ternary",
+    "rms_norm",
+    "rms_norm_quant",
+    "rms_norm_quant_multi",
+    "rms_norm_swish_gate",
+    "rms_norm_swish_gate_quant",
     "set_cpu_isa",
     "ternary_linear",
     "ternary_linear_packed",
