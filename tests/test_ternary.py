@@ -411,3 +411,14 @@ def test_cuda_matches_cpu_exactly(m: int, k: int, n: int) -> None:
         cpu = torch.ops.mmfree.ternary_matmul(x_q, x_scale, packed, w_scale, dtype)
         gpu = torch.ops.mmfree.ternary_matmul(x_q.cuda(), x_scale.cuda(), packed.cuda(), w_scale.cuda(), dtype)
         assert torch.equal(gpu.cpu(), cpu)
+
+
+def test_rmsnorm_module_matches_reference() -> None:
+    norm = mmfree_ext.nn.RMSNorm(300)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 7, 300)
+    assert set(norm.state_dict()) == {"weight"}
+    expected = ref.rms_norm(x, norm.weight)[0]
+    # fp32 statistics summed in another order: a few ulps of the output.
+    torch.testing.assert_close(norm(x), expected, rtol=4 * torch.finfo(torch.float32).eps, atol=1e-6)
