@@ -25,8 +25,21 @@ struct TernaryMatmulParams {
   int64_t M, N, K;
 };
 
+// Transposed product for the straight-through backward of BitLinear (SPEC.md section 1):
+//   out[m, k] = sum_n grad[m, n] * (w[n, k] * w_scale)     (fp32 accumulation)
+// read directly from the packed weights: no float copy of W is ever materialized (the CPU
+// kernel decodes one L2-sized panel of W at a time).
+struct TernaryMatmulTParams {
+  const float* grad;      // [M, N] contiguous
+  const uint8_t* packed;  // [N, ternary::row_bytes(K)]
+  const float* w_scale;   // one element
+  float* out;             // [M, K] contiguous
+  int64_t M, N, K;
+};
+
 namespace cpu {
 void ternary_matmul(const TernaryMatmulParams& p);
+void ternary_matmul_t(const TernaryMatmulTParams& p);
 }  // namespace cpu
 
 #if defined(MMFREE_WITH_CUDA)

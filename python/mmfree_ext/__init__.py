@@ -8,9 +8,22 @@ implementation of everything is in :mod:`mmfree_ext.reference`.
 
 from __future__ import annotations
 
-from . import ops
+from . import nn, ops
 from ._native import build_info, cpu_features, cpu_isa, cuda_available, set_cpu_isa
-from .ops import mlgru_scan, quantize_ternary, unpack_ternary
+from .ops import (
+    mlgru_scan,
+    quantize_ternary,
+    rms_norm,
+    rms_norm_quant,
+    rms_norm_quant_multi,
+    rms_norm_swish_gate,
+    rms_norm_swish_gate_quant,
+    ternary_linear,
+    ternary_linear_packed,
+    ternary_matmul,
+    ternary_matmul_t,
+    unpack_ternary,
+)
 
 __version__ = "0.1.0"
 
@@ -21,8 +34,18 @@ __all__ = [
     "cpu_isa",
     "cuda_available",
     "mlgru_scan",
+    "nn",
     "ops",
     "quantize_ternary",
+    "rms_norm",
+    "rms_norm_quant",
+    "rms_norm_quant_multi",
+    "rms_norm_swish_gate",
+    "rms_norm_swish_gate_quant",
     "set_cpu_isa",
+    "ternary_linear",
+    "ternary_linear_packed",
+    "ternary_matmul",
+    "ternary_matmul_t",
     "unpack_ternary",
 ]

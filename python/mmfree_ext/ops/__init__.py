@@ -6,6 +6,27 @@ native schemas and CPU/CUDA kernels are registered by importing mmfree_ext._C.
 
 from .. import _native  # noqa: F401  (registers the native schemas before the fakes below)
 from .mlgru import mlgru_scan
+from .norm import (
+    rms_norm,
+    rms_norm_quant,
+    rms_norm_quant_multi,
+    rms_norm_swish_gate,
+    rms_norm_swish_gate_quant,
+)
 from .pack import quantize_ternary, unpack_ternary
+from .ternary import ternary_linear, ternary_linear_packed, ternary_matmul, ternary_matmul_t
 
-__all__ = ["mlgru_scan", "quantize_ternary", "unpack_ternary"]
+__all__ = [
+    "mlgru_scan",
+    "quantize_ternary",
+    "rms_norm",
+    "rms_norm_quant",
+    "rms_norm_quant_multi",
+    "rms_norm_swish_gate",
+    "rms_norm_swish_gate_quant",
+    "ternary_linear",
+    "ternary_linear_packed",
+    "ternary_matmul",
+    "ternary_matmul_t",
+    "unpack_ternary",
+]

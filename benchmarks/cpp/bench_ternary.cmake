@@ -1,0 +1,1 @@
+mmfree_add_benchmark(bench_ternary bench_ternary.cpp)

@@ -1,0 +1,116 @@
+// CPU entry points of the norm kernels: weight conversion, scratch, ISA choice and the
+// split over rows. The math lives in norm_rows.inl (scalar / AVX2 / AVX-512 builds of it)
+// and, for float64 rms_norm / swish_gate, in norm_f64.cpp.
+#include <algorithm>
+#include <vector>
+
+#include "common/float_convert.h"
+#include "cpu/cpu_features.h"
+#include "cpu/norm/norm_rows.h"
+#include "cpu/parallel.h"
+#include "norm.h"
+
+namespace mmfree {
+namespace cpu {
+namespace {
+
+// Rows per task: about 32K elements, so a single decode row (or a few) never pays for a
+// thread hand-off, while prefill batches spread over all threads.
+int64_t row_grain(int64_t k) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(k, 1)); }
+
+// fp32 view of n weights: the pointer itself when already fp32, else a converted copy.
+const float* weights_f32(const void* w, DType t, int64_t n, std::vector<float>& buf) {
+  if (t == DType::kFloat32) return static_cast<const float*>(w);
+  buf.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) buf[static_cast<size_t>(i)] = load_as_float(w, t, i);
+  return buf.data();
+}
+
+Isa isa() { return active_isa(); }
+
+}  // namespace
+
+void rms_norm_quant(const RmsNormQuantParams& p) {
+  if (p.rows == 0 || p.k == 0) return;
+  std::vector<float> wbuf;
+  const float* w32 = weights_f32(p.weights, p.w_dtype, p.num_weights * p.k, wbuf);
+  const Isa path = isa();
+  parallel_for(0, p.rows, row_grain(p.k), [&](int64_t r0, int64_t r1) {
+    switch (path) {
+#if defined(MMFREE_HAVE_AVX512_KERNELS)
+      case Isa::kAvx512: norm_rows::quant_avx512(p, w32, r0, r1); break;
+#endif
+#if defined(MMFREE_HAVE_AVX2_KERNELS)
+      case Isa::kAvx2: norm_rows::quant_avx2(p, w32, r0, r1); break;
+#endif
+      default: norm_rows::quant_scalar(p, w32, r0, r1); break;
+    }
+  });
+}
+
+void rms_norm(const RmsNormParams& p) {
+  if (p.rows == 0 || p.k == 0) return;
+  if (p.dtype == DType::kFloat64) {
+    parallel_for(0, p.rows, row_grain(p.k), [&](int64_t r0, int64_t r1) { norm_rows::rms_norm_f64(p, r0, r1); });
+    return;
+  }
+  std::vector<float> wbuf;
+  const float* w32 = weights_f32(p.weight, p.w_dtype, p.k, wbuf);
+  const Isa path = isa();
+  parallel_for(0, p.rows, row_grain(p.k), [&](int64_t r0, int64_t r1) {
+    switch (path) {
+#if defined(MMFREE_HAVE_AVX512_KERNELS)
+      case Isa::kAvx512: norm_rows::rms_norm_avx512(p, w32, r0, r1); break;
+#endif
+#if defined(MMFREE_HAVE_AVX2_KERNELS)
+      case Isa::kAvx2: norm_rows::rms_norm_avx2(p, w32, r0, r1); break;
+#endif
+      default: norm_rows::rms_norm_scalar(p, w32, r0, r1); break;
+    }
+  });
+}
+
+void rms_norm_swish_gate(const RmsNormSwishGateParams& p) {
+  if (p.rows == 0 || p.k == 0) return;
+  if (p.dtype == DType::kFloat64) {
+    parallel_for(0, p.rows, row_grain(p.k), [&](int64_t r0, int64_t r1) { norm_rows::swish_gate_f64(p, r0, r1); });
+    return;
+  }
+  std::vector<float> wbuf;
+  const float* w32 = weights_f32(p.weight, p.w_dtype, p.k, wbuf);
+  const Isa path = isa();
+  parallel_for(0, p.rows, row_grain(p.k), [&](int64_t r0, int64_t r1) {
+    switch (path) {
+#if defined(MMFREE_HAVE_AVX512_KERNELS)
+      case Isa::kAvx512: norm_rows::swish_gate_avx512(p, w32, r0, r1); break;
+#endif
+#if defined(MMFREE_HAVE_AVX2_KERNELS)
+      case Isa::kAvx2: norm_rows::swish_gate_avx2(p, w32, r0, r1); break;
+#endif
+      default: norm_rows::swish_gate_scalar(p, w32, r0, r1); break;
+    }
+  });
+}
+
+void rms_norm_swish_gate_quant(const RmsNormSwishGateParams& p) {
+  if (p.rows == 0 || p.k == 0) return;
+  std::vector<float> wbuf, nwbuf;
+  const float* w32 = weights_f32(p.weight, p.w_dtype, p.k, wbuf);
+  const float* nw32 = weights_f32(p.norm_weight, p.norm_w_dtype, p.k, nwbuf);
+  const Isa path = isa();
+  parallel_for(0, p.rows, row_grain(p.k), [&](int64_t r0, int64_t r1) {
+    std::vector<float> scratch(static_cast<size_t>(p.k));
+    switch (path) {
+#if defined(MMFREE_HAVE_AVX512_KERNELS)
+      case Isa::kAvx512: norm_rows::swish_gate_quant_avx512(p, w32, nw32, scratch.data(), r0, r1); break;
+#endif
+#if defined(MMFREE_HAVE_AVX2_KERNELS)
+      case Isa::kAvx2: norm_rows::swish_gate_quant_avx2(p, w32, nw32, scratch.data(), r0, r1); break;
+#endif
+      default: norm_rows::swish_gate_quant_scalar(p, w32, nw32, scratch.data(), r0, r1); break;
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace mmfree
