@@ -41,7 +41,7 @@ class DemoSettings:
 
 
 # Sizes per device kind: small enough to learn visibly in a minute on 2 CPU cores.
-_CPU_DEFAULTS = {"hidden_size": 256, "num_layers": 4, "batch_size": 16, "seq_len": 128}
+_CPU_DEFAULTS = {"hidden_size": 128, "num_layers": 3, "batch_size": 8, "seq_len": 96}
 _GPU_DEFAULTS = {"hidden_size": 768, "num_layers": 8, "batch_size": 32, "seq_len": 256}
 
 

@@ -24,6 +24,17 @@ mm = torch.ops.mmfree
 # ----------------------------------------------------------------------------------------
 
 
+def layer_lower_bounds(lower_bounds: Tensor) -> Tensor:
+    """Per-layer forget-gate lower bounds fp32 ``[L, h]``: ``lb = softmax(lower_bounds, 0)``,
+    ``cumsum(lb, 0) - lb[0]`` (SPEC section 2; row 0 is exactly 0).
+
+    The softmax over the layer axis runs on the transposed tensor: torch's CPU softmax over a
+    non-last dim of a small [L, h] tensor takes milliseconds, more than a whole decode step.
+    """
+    lb = torch.softmax(lower_bounds.float().t(), dim=-1).t()
+    return torch.cumsum(lb, dim=0) - lb[0]
+
+
 def rms_norm_train(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """Differentiable RMSNorm, fp32 statistics, ``(x * rstd) * w`` in fp32, output in x's dtype."""
     xf = x.float()

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import nn as mnn
-from ..reference import lower_bounds_to_layer_lb
 from . import _layers as L
 from .config import MMfreeLMConfig
 
@@ -170,6 +169,8 @@ class MMfreeLMForCausalLM(nn.Module):
         cfg = self.config
         self.model = Backbone(cfg)
         self.lm_head = mnn.BitLinear(cfg.hidden_size, cfg.vocab_size, bias=False, eps=cfg.rms_norm_eps)
+        # Packed models: per-layer lower bounds fp32 [L, h], derived from lower_bounds.
+        self.layer_lb: Tensor | None = None
         if init_seed is not None and not self.model.embeddings.weight.is_meta:
             self.init_weights(init_seed)
         self.register_load_state_dict_post_hook(self._refresh_after_load)
@@ -220,11 +221,18 @@ class MMfreeLMForCausalLM(nn.Module):
         self.refresh_fused_weights()
         return self
 
+    @torch.no_grad()
     def refresh_fused_weights(self) -> None:
-        """Re-derive the packed path's stacked norm weights (done by pack() and loading)."""
-        if self.is_packed:
-            for layer in self.model.layers:
-                layer.attn.refresh_fused_weights()
+        """Re-derive the packed path's constants from the weights (done by pack() and loading):
+        the stacked i/f/g norm weights and the per-layer lower bounds."""
+        if not self.is_packed:
+            return
+        for layer in self.model.layers:
+            layer.attn.refresh_fused_weights()
+        self.__dict__.pop("layer_lb", None)
+        self._buffers.pop("layer_lb", None)
+        layer_lb = L.layer_lower_bounds(self.model.lower_bounds.detach()).contiguous()
+        self.register_buffer("layer_lb", layer_lb, persistent=False)
 
     def _refresh_after_load(self, module: nn.Module, incompatible_keys: Any) -> None:
         self.refresh_fused_weights()
@@ -235,11 +243,16 @@ class MMfreeLMForCausalLM(nn.Module):
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> MMfreeLMForCausalLM:
         # `.to(bf16)` / `.half()` cast every float buffer; the packed weights' scales must stay
         # exact fp32 (they are part of the quantized weight), so keep their fp32 values aside.
-        scales = {m: m.w_scale for m in self.modules() if _is_packed(m)}
+        # The same holds for the fp32 per-layer lower bounds.
+        keep = [(m, "w_scale") for m in self.modules() if _is_packed(m)]
+        if self.layer_lb is not None:
+            keep.append((self, "layer_lb"))
+        saved = [(m, name, m._buffers[name]) for m, name in keep]
         super()._apply(fn, recurse)
-        for m, s in scales.items():
-            if m.w_scale.dtype != torch.float32:
-                m._buffers["w_scale"] = s.to(device=m.w_scale.device, dtype=torch.float32)
+        for m, name, before in saved:
+            after = m._buffers[name]
+            if after is not None and after.dtype != torch.float32:
+                m._buffers[name] = before.to(device=after.device, dtype=torch.float32)
         return self
 
     def empty_state(self, batch_size: int, device: torch.device | str | None = None) -> Tensor:
@@ -264,7 +277,8 @@ class MMfreeLMForCausalLM(nn.Module):
         if state is not None and len(state) != n_layers:
             raise ValueError(f"state must hold {n_layers} per-layer tensors, got {len(state)}")
         x = self.model.embeddings(input_ids)
-        lb = lower_bounds_to_layer_lb(self.model.lower_bounds)
+        # Packed (frozen) models keep the per-layer bounds computed once at pack/load time.
+        lb = self.layer_lb if self.layer_lb is not None else L.layer_lower_bounds(self.model.lower_bounds)
         new_state = []
         delta: Tensor | None = None
         for idx, layer in enumerate(self.model.layers):
