@@ -282,12 +282,12 @@ def test_packed_save_and_load_round_trip(tmp_path, device):
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key].cpu(), value), key
     # Packed memory: 2 bits per weight (rows padded to 128), fp32 scales, norms (+ the stacked
-    # i/f/g norm copy), embeddings.
+    # i/f/g norm copy), embeddings, lower_bounds (+ the derived fp32 per-layer bounds).
     cfgm = model.config
     h, inter, v, n_layers = cfgm.hidden_size, cfgm.intermediate_size, cfgm.vocab_size, cfgm.num_hidden_layers
     row = lambda k: -(-k // 128) * 32
     per_layer = 4 * h * row(h) + 2 * inter * row(h) + h * row(inter) + 6 * 4 + (8 * h + inter + 3 * h) * 4
-    expected = n_layers * per_layer + v * row(h) + 4 + 4 * h + (v * h + n_layers * h + h) * 4
+    expected = n_layers * per_layer + v * row(h) + 4 + 4 * h + (v * h + 2 * n_layers * h + h) * 4
     assert model_memory_bytes(loaded) == expected < latent_bytes
     ids = torch.randint(0, TINY["vocab_size"], (1, 5))
     with torch.no_grad():
