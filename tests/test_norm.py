@@ -414,7 +414,7 @@ def _misaligned(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_generic_path_agrees_with_vector_path(dtype: torch.dtype) -> None:
     """Unaligned buffers and very wide rows take the generic kernels; same results."""
-    for k in (2560, 70000):
+    for k in (2560, 20000):
         x = _randn((5, k), dtype, "cuda", scale=2.0)
         h = _randn((5, k), dtype, "cuda", scale=4.0)
         w = _weight(k, "cuda")
