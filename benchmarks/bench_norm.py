@@ -17,9 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from common import Case, bench, copy_bandwidth, print_table, save_json
 
 import mmfree_ext
+from common import Case, bench, copy_bandwidth, print_table, save_json
 from mmfree_ext import reference as ref
 
 EPS = 1e-6
