@@ -514,6 +514,22 @@ def test_bad_device_raises() -> None:
         torch.ops.mmfree.rms_norm_swish_gate(x, torch.randn(4, 8), torch.ones(8, device="cuda"), EPS)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_inference_fast_path_matches_autograd_path(device: str) -> None:
+    """Wrappers skip the autograd layer when nothing needs grad; same values either way."""
+    x, r, h = (torch.randn(3, 96, device=device) for _ in range(3))
+    w = _weight(96, device)
+    with torch.no_grad():
+        y0, r0 = mmfree_ext.rms_norm(x, w, EPS, r)
+        g0 = mmfree_ext.rms_norm_swish_gate(x, h, w, EPS)
+    assert y0.grad_fn is None and g0.grad_fn is None
+    wg = w.clone().requires_grad_(True)
+    y1, r1 = mmfree_ext.rms_norm(x, wg, EPS, r)
+    g1 = mmfree_ext.rms_norm_swish_gate(x, h, wg, EPS)
+    assert y1.grad_fn is not None and g1.grad_fn is not None
+    assert torch.equal(y0, y1) and torch.equal(r0, r1) and torch.equal(g0, g1)
+
+
 def test_fp64_inputs_compute_in_fp64() -> None:
     """rms_norm on float64 is exact to fp64 rounding (the gradcheck path), not to fp32."""
     x = torch.randn(4, 300, dtype=torch.float64)
