@@ -5,6 +5,7 @@
 #
 #   STEPS="build tests sanitize bench" bash benchmarks/device_run.sh
 #   TESTS="tests/test_norm.py"  BENCH="benchmarks/bench_norm.py"  (optional narrowing)
+#   BENCH_BINS="build/gpu/benchmarks/cpp/bench_norm cuda"  (C++ benchmark binaries to run)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mmfree-out}
@@ -47,19 +48,8 @@ fi
 
 if [[ " $STEPS " == *" sanitize "* ]]; then
   step sanitize
-  for t in ${SANITIZE_TESTS:-}; do
-    compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x -p no:cacheprovider $t \
-      > "$OUT/sanitize_$(basename ${t%%::*} .py).log" 2>&1
-    rc=$?; record "memcheck $t" "rc=$rc"
-    grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitize_$(basename ${t%%::*} .py).log" | tail -2
-  done
-  for b in ${SANITIZE_BINS:-}; do
-    for tool in memcheck racecheck; do
-      compute-sanitizer --tool $tool --error-exitcode 9 $b > "$OUT/sanitize_$(basename ${b%% *})_$tool.log" 2>&1
-      rc=$?; record "$tool $b" "rc=$rc"
-      grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize_$(basename ${b%% *})_$tool.log" | tail -1
-    done
-  done
+  BIN=build/gpu/benchmarks/cpp bash benchmarks/device_sanitize.sh "$OUT/sanitize" | tee "$OUT/sanitize.txt"
+  record sanitize "rc=${PIPESTATUS[0]}"
 fi
 
 if [[ " $STEPS " == *" bench "* ]]; then

@@ -299,6 +299,15 @@ TORCH_LIBRARY_FRAGMENT(mmfree, m) {
 
 TORCH_LIBRARY_IMPL(mmfree, CPU, m) { MMFREE_NORM_IMPLS(m) }
 
+// The quantizing ops are not differentiable: their outputs are constants to autograd (int8
+// codes have no gradient; BitLinear's straight-through estimator differentiates the
+// normalized activation itself, as reference.bit_linear does).
+TORCH_LIBRARY_IMPL(mmfree, Autograd, m) {
+  m.impl("rms_norm_quant", torch::CppFunction::makeFallthrough());
+  m.impl("rms_norm_quant_multi", torch::CppFunction::makeFallthrough());
+  m.impl("rms_norm_swish_gate_quant", torch::CppFunction::makeFallthrough());
+}
+
 #if defined(MMFREE_WITH_CUDA)
 TORCH_LIBRARY_IMPL(mmfree, CUDA, m) { MMFREE_NORM_IMPLS(m) }
 #endif

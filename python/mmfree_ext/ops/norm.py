@@ -26,6 +26,21 @@ __all__ = [
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def _inference_call(*tensors: torch.Tensor | None) -> bool:
+    """True when no autograd graph can be needed (and we are not being traced).
+
+    The ops' autograd formulas are Python (torch.library.register_autograd), and entering
+    them costs ~8 us per call even under no_grad: as much as the whole kernel for a decode
+    row. Inference calls skip that layer, exactly as the autograd kernel itself would
+    before redispatching.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not any(t is not None and t.requires_grad for t in tensors)
+
+
 def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm followed by per-row absmax int8 quantization (the input side of BitLinear).
 
@@ -59,6 +74,9 @@ def rms_norm(
     (the next block's residual). Without ``residual``, ``residual_out`` is a copy of x (a
     custom op's outputs may not alias its inputs). ``residual`` must match x's dtype and shape.
     """
+    if _inference_call(x, weight, residual):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.mmfree.rms_norm(x, weight, eps, residual)
     return torch.ops.mmfree.rms_norm(x, weight, eps, residual)
 
 
@@ -67,6 +85,9 @@ def rms_norm_swish_gate(g: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, 
 
     ``h`` must match g's dtype and shape. Differentiable in g, h and weight.
     """
+    if _inference_call(g, h, weight):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.mmfree.rms_norm_swish_gate(g, h, weight, eps)
     return torch.ops.mmfree.rms_norm_swish_gate(g, h, weight, eps)
 
 

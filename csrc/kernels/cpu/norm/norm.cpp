@@ -4,8 +4,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "common/float_convert.h"
 #include "cpu/cpu_features.h"
+#include "cpu/norm/norm_row_io.h"
 #include "cpu/norm/norm_rows.h"
 #include "cpu/parallel.h"
 #include "norm.h"
@@ -22,7 +22,7 @@ int64_t row_grain(int64_t k) { return std::max<int64_t>(1, (int64_t{1} << 15) / 
 const float* weights_f32(const void* w, DType t, int64_t n, std::vector<float>& buf) {
   if (t == DType::kFloat32) return static_cast<const float*>(w);
   buf.resize(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) buf[static_cast<size_t>(i)] = load_as_float(w, t, i);
+  norm_rows::load_row(w, t, 0, n, buf.data());  // dtype switch outside the loop: vectorizes
   return buf.data();
 }
 

@@ -25,11 +25,22 @@ void finish_dweight(const std::vector<A>& partial, int64_t nblk, int64_t k, void
   norm_rows::store_row(dweight, w_dtype, 0, k, total.data());
 }
 
-// Row reductions accumulate in fp64 (cheap here, and as accurate as torch's cascade sums).
+// sum(a[i] * b[i]) in fp64 over eight independent lanes (as accurate as torch's cascade
+// sums, and the lanes let the compiler vectorize a reduction it may not reorder).
+template <class A>
+double dot_f64(const A* a, const A* b, int64_t k) {
+  double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    for (int j = 0; j < 8; ++j) lane[j] += static_cast<double>(a[i + j]) * static_cast<double>(b[i + j]);
+  }
+  for (; i < k; ++i) lane[0] += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
 template <class A>
 A rstd_of(const A* s, int64_t k, float eps) {
-  double ss = 0;
-  for (int64_t i = 0; i < k; ++i) ss += static_cast<double>(s[i]) * s[i];
+  const double ss = dot_f64(s, s, k);
   return static_cast<A>(1.0 / std::sqrt(ss / static_cast<double>(k) + static_cast<double>(eps)));
 }
 
@@ -53,13 +64,13 @@ void rms_norm_backward_t(const RmsNormBackwardParams& p) {
         }
         norm_rows::load_row(p.grad_y, p.dtype, r * k, k, dy.data());
         const A rstd = rstd_of(s.data(), k, p.eps);
-        double dot = 0;
         for (int64_t i = 0; i < k; ++i) {
-          dot += static_cast<double>(dy[i] * w[i]) * s[i];
           dw[i] += dy[i] * (s[i] * rstd);
+          tmp[i] = dy[i] * w[i];  // gradient on the normalized sum
         }
+        const double dot = dot_f64(tmp.data(), s.data(), k);
         const A c = static_cast<A>(rstd * rstd * rstd * dot / static_cast<double>(k));
-        for (int64_t i = 0; i < k; ++i) s[i] = rstd * (dy[i] * w[i]) - s[i] * c;
+        for (int64_t i = 0; i < k; ++i) s[i] = rstd * tmp[i] - s[i] * c;
         if (p.grad_residual != nullptr) {
           norm_rows::load_row(p.grad_residual, p.dtype, r * k, k, tmp.data());
           for (int64_t i = 0; i < k; ++i) s[i] += tmp[i];
@@ -88,16 +99,15 @@ void swish_gate_backward_t(const RmsNormSwishGateBackwardParams& p) {
         norm_rows::load_row(p.h, p.dtype, r * k, k, h.data());
         norm_rows::load_row(p.grad_y, p.dtype, r * k, k, dy.data());
         const A rstd = rstd_of(g.data(), k, p.eps);
-        double dot = 0;
         for (int64_t i = 0; i < k; ++i) {
           const A sig = A(1) / (A(1) + std::exp(-h[i]));
           const A sl = h[i] * sig;
           const A gn = g[i] * rstd;
           dw[i] += dy[i] * sl * gn;
           gg[i] = dy[i] * sl * w[i];  // gradient on the normalized g
-          dot += static_cast<double>(gg[i]) * g[i];
           h[i] = dy[i] * (gn * w[i]) * (sig * (A(1) + h[i] * (A(1) - sig)));  // dh, in place
         }
+        const double dot = dot_f64(gg.data(), g.data(), k);
         const A c = static_cast<A>(rstd * rstd * rstd * dot / static_cast<double>(k));
         for (int64_t i = 0; i < k; ++i) g[i] = rstd * gg[i] - g[i] * c;
         norm_rows::store_row(p.dg, p.dtype, r * k, k, g.data());

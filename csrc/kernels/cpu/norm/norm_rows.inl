@@ -10,6 +10,10 @@
 // Tails are handled by copying into a zero-padded W-element buffer, so the tail runs the
 // very same vector math as the body (and zeros are neutral for sum-of-squares and amax).
 
+// The per-vector helpers must inline into the row loops (a call per vector, with __m256
+// arguments, costs more than the math).
+#define MMFREE_NORM_INLINE inline __attribute__((always_inline))
+
 inline float fmax_(float a, float b) { return a > b ? a : b; }
 
 // Typed row access for element dtype D.
@@ -51,7 +55,7 @@ template <class VT> struct Io<VT, DType::kFloat64> {
 
 // Load W elements, or the first n (< W) zero-padded.
 template <class VT, class IO>
-typename VT::V load_n(const typename IO::E* p, int64_t n) {
+MMFREE_NORM_INLINE typename VT::V load_n(const typename IO::E* p, int64_t n) {
   if (n >= VT::W) return IO::load(p);
   typename IO::E buf[VT::W];
   std::memset(buf, 0, sizeof(buf));
@@ -60,7 +64,7 @@ typename VT::V load_n(const typename IO::E* p, int64_t n) {
 }
 
 template <class VT, class IO>
-void store_n(typename IO::E* p, typename VT::V v, int64_t n) {
+MMFREE_NORM_INLINE void store_n(typename IO::E* p, typename VT::V v, int64_t n) {
   if (n >= VT::W) {
     IO::store(p, v);
     return;
@@ -71,7 +75,7 @@ void store_n(typename IO::E* p, typename VT::V v, int64_t n) {
 }
 
 template <class VT>
-void store_i8_n(int8_t* p, typename VT::V v, int64_t n) {
+MMFREE_NORM_INLINE void store_i8_n(int8_t* p, typename VT::V v, int64_t n) {
   if (n >= VT::W) {
     VT::store_i8(p, v);
     return;
@@ -131,7 +135,7 @@ inline float rstd_of(float sum_sq, int64_t k, float eps) {
 // exp for the SiLU: Cephes-style range reduction + degree-6 polynomial (~1 ulp). The input
 // is clamped so 2^n stays a normal number; sigmoid saturates long before that matters.
 template <class VT>
-typename VT::V exp_approx(typename VT::V x) {
+MMFREE_NORM_INLINE typename VT::V exp_approx(typename VT::V x) {
   using V = typename VT::V;
   x = VT::min(VT::max(x, VT::set1(-87.3f)), VT::set1(88.3f));
   const V fx = VT::round_nearest(VT::mul(x, VT::set1(1.44269504088896341f)));
@@ -150,13 +154,13 @@ typename VT::V exp_approx(typename VT::V x) {
 
 // silu(h) = h * sigmoid(h), sigmoid = 1/(1+exp(-h)) (the reference's two roundings).
 template <class VT>
-typename VT::V silu(typename VT::V h) {
+MMFREE_NORM_INLINE typename VT::V silu(typename VT::V h) {
   const typename VT::V e = exp_approx<VT>(VT::sub(VT::zero(), h));
   return VT::mul(h, VT::div(VT::set1(1.0f), VT::add(VT::set1(1.0f), e)));
 }
 
 template <class VT>
-typename VT::V quant_code(typename VT::V xn, typename VT::V s) {
+MMFREE_NORM_INLINE typename VT::V quant_code(typename VT::V xn, typename VT::V s) {
   const typename VT::V r = VT::round_away(VT::mul(xn, s));
   return VT::min(VT::max(r, VT::set1(-128.0f)), VT::set1(127.0f));
 }
@@ -233,7 +237,7 @@ void rms_norm_rows_t(const RmsNormParams& p, const float* w32, int64_t r0, int64
 
 // The gate value ((g*rstd)*w) * silu(h) of one vector, in fp32.
 template <class VT, class IO>
-typename VT::V gate_value(const typename IO::E* g, const typename IO::E* h, const float* w, typename VT::V rstd,
+MMFREE_NORM_INLINE typename VT::V gate_value(const typename IO::E* g, const typename IO::E* h, const float* w, typename VT::V rstd,
                           int64_t i, int64_t n) {
   const typename VT::V gn = VT::mul(VT::mul(load_n<VT, IO>(g + i, n), rstd), load_n<VT, Io<VT, DType::kFloat32>>(w + i, n));
   return VT::mul(gn, silu<VT>(load_n<VT, IO>(h + i, n)));

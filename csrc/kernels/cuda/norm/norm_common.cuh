@@ -12,8 +12,11 @@ namespace norm {
 
 // Elements per 16-byte vector, and vectors each thread keeps in registers on the fast path.
 template <class T> struct VecOf { static constexpr int N = 16 / static_cast<int>(sizeof(T)); };
+// kMaxThreads caps the register path's block (and lets the compiler give each thread up to
+// 255 registers: the row, up to kVecPerThread*16 bytes per input, stays in registers without
+// spilling). Rows beyond 256*8 vectors (16K bf16 / 8K fp32 elements) take the generic path.
 constexpr int kVecPerThread = 8;
-constexpr int kMaxThreads = 1024;
+constexpr int kMaxThreads = 256;
 constexpr int kGenericThreads = 256;
 
 // Statistics type: fp64 inputs of rms_norm / swish_gate compute in fp64, all else in fp32.

@@ -1,6 +1,6 @@
 // CUDA forward kernels of the norm ops. One row per block. Fast path: the row lives in
-// registers (kVecPerThread 16-byte vectors per thread, up to 1024 threads: rows of up to
-// 64K bf16 / 32K fp32 elements), so x is read from memory exactly once; it needs K to be a
+// registers (kVecPerThread 16-byte vectors per thread, up to 256 threads: rows of up to
+// 16K bf16 / 8K fp32 elements), so x is read from memory exactly once; it needs K to be a
 // multiple of the vector width, 16-byte aligned buffers, and weights in x's dtype or fp32.
 // Everything else (odd K, huge K, float64) takes the generic path, which re-reads the row
 // (from L1/L2) for each pass. Both paths run the same fp32 operation sequence.

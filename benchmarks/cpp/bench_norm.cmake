@@ -1,0 +1,1 @@
+mmfree_add_benchmark(bench_norm bench_norm.cpp)
