@@ -126,7 +126,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     model = random_packed_model(args.config, device, dtype)
     from .models import model_memory_bytes
 
-    print(f"{args.config} packed on {device} ({dtype}): model memory {model_memory_bytes(model) / 2**30:.3f} GiB")
+    mem = model_memory_bytes(model)
+    print(f"{args.config} packed on {device} ({dtype}): model memory {mem / 2**20:.1f} MiB ({mem:,} bytes)")
     for batch in args.batch:
         tps = bench_decode(model, batch, args.tokens, mode=args.decode_mode)
         print(f"  decode batch {batch:3d}: {tps:10.1f} tok/s ({tps / batch:8.1f} tok/s per sequence)")
