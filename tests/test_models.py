@@ -480,3 +480,15 @@ def test_cuda_compile_decode_equals_eager():
     eager = generate(model, [[3, 4, 5]], 8, decode_mode="eager")
     comp = generate(model, [[3, 4, 5]], 8, decode_mode="compile")
     assert comp.tokens == eager.tokens
+
+
+@pytest.mark.slow
+def test_demo_runs_and_learns(capsys):
+    """The README's `make demo` path (python -m mmfree_ext demo), shortened."""
+    from mmfree_ext.demo import DemoSettings, run_demo
+
+    res = run_demo(DemoSettings(seconds=8, device="cpu", new_tokens=20), log=print)
+    out = capsys.readouterr().out
+    assert "tok/s" in out and "--- sample" in out
+    assert res["loss_last"] < res["loss_first"] and res["logits_rel_diff"] < LOGITS_RTOL
+    assert res["packed_bytes"] < res["reference_bytes"]
