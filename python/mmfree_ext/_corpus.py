@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 
 __all__ = ["STDLIB_MODULES", "stdlib_docstrings"]
 
@@ -42,6 +43,12 @@ def _member_docs(prefix: str, obj: object, depth: int) -> list[str]:
 
 def stdlib_docstrings(modules: tuple[str, ...] = STDLIB_MODULES) -> str:
     """The concatenated docstrings (modules that fail to import are skipped)."""
+    with warnings.catch_warnings():  # some members (typing.io, ...) warn when touched
+        warnings.simplefilter("ignore")
+        return _collect(modules)
+
+
+def _collect(modules: tuple[str, ...]) -> str:
     parts: list[str] = []
     for mod_name in modules:
         try:
