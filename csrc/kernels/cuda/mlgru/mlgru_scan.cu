@@ -146,7 +146,32 @@ __device__ __forceinline__ void warp_scan(const Layout& L, float (&A)[V], float 
 // Publishes each warp group's aggregate map, then gives every thread the state entering its
 // own tokens (carry through the earlier groups and its group's exclusive map) and advances
 // the carry over the whole tile. Two barriers: the shared buffer is reused next tile.
-template <int V, bool kReverse>
+// One warp group's aggregate map (A, b interleaved per channel) from shared memory; kVec
+// (v2) reads it as 16-byte vectors: per tile each thread reads all NG groups' maps, 2V
+// words each, which for V = 8, NG = 8 was 128 LDS.32 per 16 elements in v1 (as many
+// shared-memory instructions as the whole gate math), 32 LDS.128 here.
+template <int V, bool kVec>
+__device__ __forceinline__ void read_group(const float* smem, int slot, float (&ga)[V], float (&gb)[V]) {
+  if constexpr (kVec && V % 2 == 0) {
+    const float4* q = reinterpret_cast<const float4*>(smem + slot * V * 2);
+#pragma unroll
+    for (int j = 0; j < V / 2; ++j) {
+      const float4 x = q[j];
+      ga[2 * j] = x.x;
+      gb[2 * j] = x.y;
+      ga[2 * j + 1] = x.z;
+      gb[2 * j + 1] = x.w;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      ga[k] = smem[(slot * V + k) * 2];
+      gb[k] = smem[(slot * V + k) * 2 + 1];
+    }
+  }
+}
+
+template <int V, bool kReverse, bool kVec = false>
 __device__ __forceinline__ void block_scan(const Layout& L, float* smem, float (&A)[V], float (&b)[V],
                                            float (&carry)[V], float (&state_in)[V]) {
   float Ae[V], be[V];
@@ -169,12 +194,10 @@ __device__ __forceinline__ void block_scan(const Layout& L, float* smem, float (
 #pragma unroll
       for (int k = 0; k < V; ++k) state_in[k] = Ae[k] * x[k] + be[k];
     }
+    float ga[V], gb[V];
+    read_group<V, kVec>(smem, g * L.W + L.tx, ga, gb);
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const float ga = smem[((g * L.W + L.tx) * V + k) * 2];
-      const float gb = smem[((g * L.W + L.tx) * V + k) * 2 + 1];
-      x[k] = ga * x[k] + gb;
-    }
+    for (int k = 0; k < V; ++k) x[k] = ga[k] * x[k] + gb[k];
   }
 #pragma unroll
   for (int k = 0; k < V; ++k) carry[k] = x[k];
@@ -370,7 +393,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) mlgru_fwd_v2_kernel(cons
     }
     if (t0 + tile < r.end) load_tile_raw<T, U>(p, tb + tile, r.end, dim, d0, active, ri, rf);
     float h[V];
-    block_scan<V, false>(L, smem, A, b, carry, h);
+    block_scan<V, false, true>(L, smem, A, b, carry, h);
     if (!kCheckpointsOnly) {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
@@ -387,7 +410,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) mlgru_fwd_v2_kernel(cons
   }
 }
 
-template <class T, int V, int U, int kMinBlocks = 1>
+template <class T, int V, int U, int kMinBlocks = 1, bool kVec = false>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) mlgru_bwd_kernel(const MlgruScanBwdParams p, const KernelArgs a) {
   constexpr bool kFast = sizeof(T) == 2;
   extern __shared__ float smem[];
@@ -443,7 +466,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) mlgru_bwd_kernel(const M
         A[k] = ft[u][k] * A[k];
       }
     }
-    block_scan<V, false>(L, smem, A, b, h_carry, h);
+    block_scan<V, false, kVec>(L, smem, A, b, h_carry, h);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
 #pragma unroll
@@ -465,7 +488,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) mlgru_bwd_kernel(const M
         P[k] = ft[u][k] * P[k];
       }
     }
-    block_scan<V, true>(L, smem, P, q, e_carry, e);
+    block_scan<V, true, kVec>(L, smem, P, q, e_carry, e);
 #pragma unroll
     for (int u = U - 1; u >= 0; --u) {
       float di[V], df[V];
@@ -687,9 +710,9 @@ cudaError_t bwd_typed(const MlgruScanBwdParams& p, const Config& c, const Kernel
   } else if (p.variant == MlgruVariant::kV1) {
     mlgru_bwd_kernel<T, kV, kBwdValues / kV><<<grid, threads, c.smem_bytes, stream>>>(p, a);
   } else if (p.variant == MlgruVariant::kV2U4) {
-    mlgru_bwd_kernel<T, kV, 8 / kV, 2><<<grid, threads, c.smem_bytes, stream>>>(p, a);
+    mlgru_bwd_kernel<T, kV, 8 / kV, 2, true><<<grid, threads, c.smem_bytes, stream>>>(p, a);
   } else {
-    mlgru_bwd_kernel<T, kV, 8 / kV, 1><<<grid, threads, c.smem_bytes, stream>>>(p, a);
+    mlgru_bwd_kernel<T, kV, 8 / kV, 1, true><<<grid, threads, c.smem_bytes, stream>>>(p, a);
   }
   return cudaGetLastError();
 }
