@@ -410,8 +410,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) mlgru_fwd_v2_kernel(cons
   }
 }
 
-template <class T, int V, int U, int kMinBlocks = 1, bool kVec = false>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) mlgru_bwd_kernel(const MlgruScanBwdParams p, const KernelArgs a) {
+template <class T, int V, int U>
+__global__ void __launch_bounds__(kThreads) mlgru_bwd_kernel(const MlgruScanBwdParams p, const KernelArgs a) {
   constexpr bool kFast = sizeof(T) == 2;
   extern __shared__ float smem[];
   const Layout L(a.W, a.K);
@@ -466,7 +466,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) mlgru_bwd_kernel(const M
         A[k] = ft[u][k] * A[k];
       }
     }
-    block_scan<V, false, kVec>(L, smem, A, b, h_carry, h);
+    block_scan<V, false>(L, smem, A, b, h_carry, h);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
 #pragma unroll
@@ -488,7 +488,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) mlgru_bwd_kernel(const M
         P[k] = ft[u][k] * P[k];
       }
     }
-    block_scan<V, true, kVec>(L, smem, P, q, e_carry, e);
+    block_scan<V, true>(L, smem, P, q, e_carry, e);
 #pragma unroll
     for (int u = U - 1; u >= 0; --u) {
       float di[V], df[V];
@@ -509,6 +509,150 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) mlgru_bwd_kernel(const M
       if (active && tb + u < r.end) {
         store_pack<T, V>(p.grad_i, (tb + u) * dim + d0, di);
         store_pack<T, V>(p.grad_f, (tb + u) * dim + d0, df);
+      }
+    }
+  }
+  // dL/dh0 = the flow out of the first token; dL/dlb reduced over the time-lanes in order.
+  if (active && L.ty == 0) {
+    float* dh0 = static_cast<float*>(p.grad_h0) + s * dim + d0;
+#pragma unroll
+    for (int k = 0; k < V; ++k) dh0[k] = e_carry[k];
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) smem[(L.ty * L.W + L.tx) * V + k] = dlb[k];
+  __syncthreads();
+  if (active && L.ty == 0) {
+    for (int k = 0; k < V; ++k) {
+      float sum = 0.0f;
+      for (int y = 0; y < L.K; ++y) sum += smem[(y * L.W + L.tx) * V + k];
+      a.dlb_part[s * dim + d0 + k] = sum;
+    }
+  }
+}
+
+// Raw 16-byte vectors of one [N, D] tensor for a thread's U tokens from tb (zeros out of range).
+template <class T, int U>
+__device__ __forceinline__ void load_vecs(const void* base, int64_t tb, int64_t end, int64_t dim, int64_t d0,
+                                          bool active, uint4 (&out)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t t = tb + u;
+    out[u] = (active && t < end) ? load_stream(base, (t * dim + d0) * static_cast<int64_t>(sizeof(T)))
+                                 : make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+// v2 backward (vector path only): mlgru_bwd_kernel's math, with the previous tile's raw
+// i, f, grad_h (3U 16-byte registers) loaded before this tile's two carry scans, so their
+// DRAM latency overlaps the barriers (the same change as mlgru_fwd_v2_kernel), streaming
+// hints on the read-once inputs and outputs, and float4 reads of the group maps.
+template <class T, int V, int U, int kMinBlocks>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) mlgru_bwd_v2_kernel(const MlgruScanBwdParams p,
+                                                                            const KernelArgs a) {
+  constexpr bool kFast = sizeof(T) == 2;
+  extern __shared__ float smem[];
+  const Layout L(a.W, a.K);
+  const int64_t s = blockIdx.x / a.blocks_per_seq;
+  const int64_t dim = p.seqs.dim;
+  const int64_t d0 = (static_cast<int64_t>(blockIdx.x % a.blocks_per_seq) * L.W + L.tx) * V;
+  const bool active = d0 < dim;
+  const Range r = seq_range(p.seqs, s);
+  const int64_t tile = static_cast<int64_t>(L.K) * U;
+  const int64_t tiles = (r.end - r.begin + tile - 1) / tile;
+  const int64_t lane_off = static_cast<int64_t>(L.ty) * U;
+
+  float lb[V], omlb[V], e_carry[V], dlb[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    lb[k] = (active && p.lower_bound != nullptr) ? static_cast<const float*>(p.lower_bound)[d0 + k] : 0.0f;
+    omlb[k] = 1.0f - lb[k];
+    e_carry[k] = active ? static_cast<const float*>(p.grad_h_last)[s * dim + d0 + k] : 0.0f;
+    dlb[k] = 0.0f;
+  }
+  uint4 ri[U], rf[U], rg[U];
+  if (tiles > 0) {
+    const int64_t tb = r.begin + (tiles - 1) * tile + lane_off;
+    load_vecs<T, U>(p.i, tb, r.end, dim, d0, active, ri);
+    load_vecs<T, U>(p.f, tb, r.end, dim, d0, active, rf);
+    load_vecs<T, U>(p.grad_h, tb, r.end, dim, d0, active, rg);
+  }
+  for (int64_t j = tiles - 1; j >= 0; --j) {
+    const int64_t tb = r.begin + j * tile + lane_off;
+    float xi[U][V], xf[U][V], gh[U][V];
+    bool valid[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t t = tb + u;
+      unpack<T, V>(ri[u], xi[u]);
+      unpack<T, V>(rf[u], xf[u]);
+      unpack<T, V>(rg[u], gh[u]);
+      valid[u] = active && t < r.end && (p.mask == nullptr || p.mask[t] != 0);
+    }
+    if (j > 0) {  // the next tile walked (j - 1): every token of it is in range
+      load_vecs<T, U>(p.i, tb - tile, r.end, dim, d0, active, ri);
+      load_vecs<T, U>(p.f, tb - tile, r.end, dim, d0, active, rf);
+      load_vecs<T, U>(p.grad_h, tb - tile, r.end, dim, d0, active, rg);
+    }
+    // Forward inside the tile from its checkpoint: h_{t-1} of every token, kept in hp.
+    float ft[U][V], hp[U][V], A[V], b[V], h_carry[V], h[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      A[k] = 1.0f;
+      b[k] = 0.0f;
+      h_carry[k] = active ? a.checkpoints[checkpoint_slot(r.begin, s, j, tile) * dim + d0 + k] : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      gate_token<kFast, V>(xi[u], xf[u], lb, omlb, valid[u], tb + u < r.end, ft[u], hp[u]);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        b[k] = ft[u][k] * b[k] + hp[u][k];
+        A[k] = ft[u][k] * A[k];
+      }
+    }
+    block_scan<V, false, true>(L, smem, A, b, h_carry, h);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const float c = hp[u][k];
+        hp[u][k] = h[k];
+        h[k] = ft[u][k] * h[k] + c;
+      }
+    }
+    // Reverse: e = dL/dh flowing into h_{t-1}; per thread e_out = P e_in + q over its tokens.
+    float P[V], q[V], e[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) { P[k] = 1.0f; q[k] = 0.0f; }
+#pragma unroll
+    for (int u = U - 1; u >= 0; --u) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        q[k] = ft[u][k] * (gh[u][k] + q[k]);
+        P[k] = ft[u][k] * P[k];
+      }
+    }
+    block_scan<V, true, true>(L, smem, P, q, e_carry, e);
+#pragma unroll
+    for (int u = U - 1; u >= 0; --u) {
+      float di[V], df[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        float sg, omsg, si, omsi;
+        sigmoid2<kFast>(xf[u][k], sg, omsg);
+        sigmoid2<kFast>(xi[u][k], si, omsi);
+        const float delta = gh[u][k] + e[k];
+        const float silu = valid[u] ? xi[u][k] * si : 0.0f;
+        const float dsilu = si * (1.0f + xi[u][k] * omsi);
+        di[k] = valid[u] ? delta * (omlb[k] * omsg) * dsilu : 0.0f;
+        const float dft = delta * (hp[u][k] - silu);
+        df[k] = dft * omlb[k] * (sg * omsg);
+        dlb[k] += (tb + u < r.end) ? dft * omsg : 0.0f;
+        e[k] = ft[u][k] * delta;
+      }
+      if (active && tb + u < r.end) {
+        store_stream<T, V>(p.grad_i, (tb + u) * dim + d0, di);
+        store_stream<T, V>(p.grad_f, (tb + u) * dim + d0, df);
       }
     }
   }
@@ -710,9 +854,9 @@ cudaError_t bwd_typed(const MlgruScanBwdParams& p, const Config& c, const Kernel
   } else if (p.variant == MlgruVariant::kV1) {
     mlgru_bwd_kernel<T, kV, kBwdValues / kV><<<grid, threads, c.smem_bytes, stream>>>(p, a);
   } else if (p.variant == MlgruVariant::kV2U4) {
-    mlgru_bwd_kernel<T, kV, 8 / kV, 2, true><<<grid, threads, c.smem_bytes, stream>>>(p, a);
+    mlgru_bwd_v2_kernel<T, kV, 8 / kV, 2><<<grid, threads, c.smem_bytes, stream>>>(p, a);
   } else {
-    mlgru_bwd_kernel<T, kV, 8 / kV, 1, true><<<grid, threads, c.smem_bytes, stream>>>(p, a);
+    mlgru_bwd_v2_kernel<T, kV, 8 / kV, 1><<<grid, threads, c.smem_bytes, stream>>>(p, a);
   }
   return cudaGetLastError();
 }
