@@ -1,6 +1,8 @@
 // Benchmark of the fused MLGRU scan (CPU and, where built, CUDA), bf16 in/out with a lower
 // bound. Napkin: forward moves 3 tensors (i, f in; h out), forward+backward 8 (the backward
 // reads i, f, grad_h and writes grad_i, grad_f; its recompute pass reads i, f again: 10 moved).
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <vector>
 
@@ -20,9 +22,37 @@ std::vector<uint16_t> bf16_random(size_t n, uint64_t seed, float lo, float hi) {
   return out;
 }
 
+#if defined(MMFREE_WITH_CUDA)
+template <class T>
+std::vector<T> to_host(const T* dev, size_t n) {
+  std::vector<T> out(n);
+  bench::check_cuda(cudaMemcpy(out.data(), dev, n * sizeof(T), cudaMemcpyDeviceToHost), "copy back");
+  return out;
+}
+
+float value(uint16_t v) { return bf16_bits_to_float(v); }
+float value(float v) { return v; }
+
+// Largest |new - old| relative to max(|old|, 1); returns false above `tol` (the variants
+// scan with different tile shapes: the fp32 state differs by reassociation only).
+template <class T>
+bool compare(const char* what, const std::vector<T>& ref, const std::vector<T>& got, double tol) {
+  double worst = 0;
+  for (size_t k = 0; k < ref.size(); ++k) {
+    const double a = value(ref[k]), b = value(got[k]);
+    const double e = (a != a || b != b) ? 1e30 : std::fabs(a - b) / std::max(1.0, std::fabs(a));
+    worst = std::max(worst, e);
+  }
+  const bool ok = worst <= tol;
+  std::printf("  check %-10s max rel err vs v1 %.3g %s\n", what, worst, ok ? "ok" : "MISMATCH");
+  return ok;
+}
+#endif
+
 }  // namespace
 
 int main() {
+  bool all_ok = true;
   bench::init_cpu_threads();
   std::printf("bench_mlgru: %d CPU thread(s)\n", bench::cpu_threads());
   struct Shape { int64_t b, t, d; bool cpu; };
@@ -78,16 +108,51 @@ int main() {
         bench::report(bench::time_cuda(name, shape, fwd_bytes, 0,
                                        [&] { bench::check_cuda(cuda::mlgru_scan(p, nullptr), "mlgru_scan"); }));
       }
-      MlgruScanParams p{q, DType::kBFloat16, di, df, dlb, nullptr, nullptr, dh, dhl, MlgruPath::kAuto};
-      MlgruScanBwdParams bp{q,    DType::kBFloat16, di,  df,   dlb,  nullptr,          nullptr, dgh,
-                            dghl, dgi,              dgf, dglb, dgh0, MlgruPath::kAuto, ws};
-      bench::report(bench::time_cuda("cuda/mlgru_scan_fwd+bwd", shape, bwd_bytes, 0, [&] {
+      // Kernel variants side by side (v1 = the first kernels; outputs checked against it).
+      std::vector<uint16_t> ref_h, ref_gi, ref_gf;
+      std::vector<float> ref_hl, ref_glb, ref_gh0;
+      const MlgruVariant variants[] = {MlgruVariant::kV1, MlgruVariant::kBest, MlgruVariant::kV2U4};
+      const char* vnames[] = {"v1", "v2", "v2-u4"};
+      for (int vi = 0; vi < 3; ++vi) {
+        const MlgruVariant var = variants[vi];
+        MlgruScanParams p{q, DType::kBFloat16, di, df, dlb, nullptr, nullptr, dh, dhl, MlgruPath::kAuto, nullptr, var};
+        MlgruScanBwdParams bp{q,    DType::kBFloat16, di,  df,   dlb,  nullptr,          nullptr, dgh,
+                              dghl, dgi,              dgf, dglb, dgh0, MlgruPath::kAuto, ws,      var};
+        bench::check_cuda(cudaMemset(dh, 0xff, n * 2), "poison");
+        bench::check_cuda(cudaMemset(dgi, 0xff, n * 2), "poison");
+        bench::check_cuda(cudaMemset(dgf, 0xff, n * 2), "poison");
         bench::check_cuda(cuda::mlgru_scan(p, nullptr), "mlgru_scan");
         bench::check_cuda(cuda::mlgru_scan_backward(bp, nullptr), "mlgru_scan_backward");
-      }));
+        bench::check_cuda(cudaDeviceSynchronize(), "sync");
+        auto h_now = to_host(dh, n), gi_now = to_host(dgi, n), gf_now = to_host(dgf, n);
+        auto hl_now = to_host(dhl, h_last.size()), glb_now = to_host(dglb, glb.size()),
+             gh0_now = to_host(dgh0, gh0.size());
+        if (vi == 0) {
+          ref_h = h_now, ref_gi = gi_now, ref_gf = gf_now, ref_hl = hl_now, ref_glb = glb_now, ref_gh0 = gh0_now;
+        } else {
+          std::printf("%s %s:\n", vnames[vi], shape);
+          // 16-bit outputs: 2 bf16 ulps of rounding-boundary flips; fp32 states: reassociation.
+          all_ok &= compare("h", ref_h, h_now, 1.6e-2);
+          all_ok &= compare("h_last", ref_hl, hl_now, 1e-4);
+          all_ok &= compare("grad_i", ref_gi, gi_now, 1.6e-2);
+          all_ok &= compare("grad_f", ref_gf, gf_now, 1.6e-2);
+          all_ok &= compare("grad_h0", ref_gh0, gh0_now, 1e-4);
+          all_ok &= compare("grad_lb", ref_glb, glb_now, 1e-3);
+        }
+        char name[64];
+        std::snprintf(name, sizeof(name), "cuda/mlgru_scan[%s]", vnames[vi]);
+        bench::report(bench::time_cuda(name, shape, fwd_bytes, 0,
+                                       [&] { bench::check_cuda(cuda::mlgru_scan(p, nullptr), "mlgru_scan"); }));
+        std::snprintf(name, sizeof(name), "cuda/mlgru_scan_fwd+bwd[%s]", vnames[vi]);
+        bench::report(bench::time_cuda(name, shape, bwd_bytes, 0, [&] {
+          bench::check_cuda(cuda::mlgru_scan(p, nullptr), "mlgru_scan");
+          bench::check_cuda(cuda::mlgru_scan_backward(bp, nullptr), "mlgru_scan_backward");
+        }));
+      }
       for (void* ptr : std::vector<void*>{di, df, dgh, dh, dgi, dgf, dlb, dghl, dhl, dglb, dgh0, ws}) cudaFree(ptr);
     }
 #endif
   }
-  return 0;
+  if (!all_ok) std::printf("bench_mlgru: VARIANT MISMATCH (see the check lines)\n");
+  return all_ok ? 0 : 1;
 }

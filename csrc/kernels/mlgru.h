@@ -27,6 +27,16 @@ enum class MlgruPath : int {
   kChunked = 2,     // local scans of kMlgruChunk tokens, a carry scan over chunks, a rescan
 };
 
+// Which CUDA kernel generation runs (the CPU ignores it). Kept selectable so one benchmark
+// run can compare them (bench_mlgru); the workspace sizes cover every variant.
+enum class MlgruVariant : int {
+  kBest = 0,  // v2: fwd U = 2 tokens/thread, streaming loads, next tile prefetched during the
+              // scan, 2 CTAs/SM; bwd U*V = 8 values (1 token of 16-bit), no register cap
+  kV1 = 1,    // the first kernels (fwd U*V = 32 values, bwd 16 with 255 registers, 1 CTA/SM)
+  kV2U4 = 2,  // v2 alternative: fwd U = 4 with prefetch at 1 CTA/SM (no spill), bwd capped at
+              // 128 registers for 2 CTAs/SM (spills ~200 B)
+};
+
 struct MlgruSeqs {
   int64_t num_seqs = 0;              // S
   int64_t seq_len = 0;               // T of every sequence when cu_seqlens is null
@@ -47,6 +57,7 @@ struct MlgruScanParams {
   void* h_last;             // [S, D] out, state dtype
   MlgruPath path = MlgruPath::kAuto;
   float* workspace = nullptr;  // CUDA: mlgru_workspace_floats(...) floats
+  MlgruVariant variant = MlgruVariant::kBest;
 };
 
 struct MlgruScanBwdParams {
@@ -65,6 +76,7 @@ struct MlgruScanBwdParams {
   void* grad_h0;             // [S, D] state dtype (always written)
   MlgruPath path = MlgruPath::kAuto;
   float* workspace = nullptr;  // CUDA: mlgru_bwd_workspace_floats(...) floats
+  MlgruVariant variant = MlgruVariant::kBest;
 };
 
 // Tokens per chunk of the chunked CUDA path and of the CPU backward's checkpoints.

@@ -49,7 +49,15 @@ def mlgru_scan(
         ``(h, h_last)``: ``h`` ``[B, T, D]`` in the input dtype and ``h_last`` fp32 ``[B, D]``
         (``[S, D]`` with ``cu_seqlens``).
     """
-    return torch.ops.mmfree.mlgru_scan(i, f, lower_bound, h0, mask, cu_seqlens)
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and torch._C._any_requires_grad(i, f, lower_bound, h0)
+    ):
+        return torch.ops.mmfree.mlgru_scan(i, f, lower_bound, h0, mask, cu_seqlens)
+    # No gradient needed (decode, inference): skip the Python autograd kernel that
+    # register_autograd installs (it walks the arguments, then redispatches to this same
+    # place); on a T=1 decode step that host work is larger than the kernel.
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.mmfree.mlgru_scan(i, f, lower_bound, h0, mask, cu_seqlens)
 
 
 def _state_dtype(i: torch.Tensor) -> torch.dtype:
