@@ -16,12 +16,20 @@ namespace ternary_kernels {
 constexpr int kGemvMaxRows = 16;
 // M from which ternary_matmul uses the tensor-core GEMM instead of the GEMV.
 constexpr int kGemmMinRows = kGemvMaxRows + 1;
+// Largest M for which ternary_matmul uses GEMV v2 instead of v1 (0: v1 only). Set from the
+// measured table of bench_ternary_cuda (v1 and v2 side by side).
+constexpr int kGemvV2MaxRows = 16;
 
 // One thread per output, byte loads: the obviously-correct baseline (any alignment).
 cudaError_t launch_simple(const TernaryMatmulParams& p, cudaStream_t stream);
 // Decode GEMV: dp4a on 2-bit codes, 16-byte weight loads. Any M (launches per 16 rows);
 // needs `packed` 16-byte aligned.
 cudaError_t launch_gemv(const TernaryMatmulParams& p, cudaStream_t stream);
+// Decode GEMV v2: a group of 8/16/32 lanes per output row, all of a row's 16-byte loads in
+// flight before use, activations through L1 (no shared memory, no barrier), weights decoded
+// to signed bytes. Any M (launches per 16 rows); needs `packed` 16-byte aligned
+// (cudaErrorInvalidValue otherwise).
+cudaError_t launch_gemv_v2(const TernaryMatmulParams& p, cudaStream_t stream);
 // Prefill GEMM: int8 mma.sync m16n8k32 with the decode in the smem pipeline. Any M;
 // needs `packed` 16-byte aligned.
 cudaError_t launch_gemm(const TernaryMatmulParams& p, cudaStream_t stream);
