@@ -4,6 +4,8 @@
 // multiple of the vector width, 16-byte aligned buffers, and weights in x's dtype or fp32.
 // Everything else (odd K, huge K, float64) takes the generic path, which re-reads the row
 // (from L1/L2) for each pass. Both paths run the same fp32 operation sequence.
+// The quantizing ops take one row per warp instead where the row fits (norm_warp.cuh,
+// bit-identical results); NormVariant::kLegacyBlock keeps the block kernels selectable.
 #include <cstdlib>
 
 #include "cuda/norm/norm_common.cuh"
