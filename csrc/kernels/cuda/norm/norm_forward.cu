@@ -413,6 +413,16 @@ cudaError_t launch_quant(const RmsNormQuantParams& p, cudaStream_t stream) {
         return cudaGetLastError();
       }
       const int threads = vec_threads(p.k / VecOf<T>::N);
+      if (p.variant != NormVariant::kLegacyBlock && !legacy_forced()) {
+        if (p.w_dtype == DType::kFloat32) {
+          quant_block_v2<T, float><<<grid_for(p.rows), threads, 0, stream>>>(
+              x, static_cast<const float*>(p.weights), p.num_weights, p.rows, p.k, p.eps, p.x_q, p.x_scale);
+        } else {
+          quant_block_v2<T, T><<<grid_for(p.rows), threads, 0, stream>>>(
+              x, static_cast<const T*>(p.weights), p.num_weights, p.rows, p.k, p.eps, p.x_q, p.x_scale);
+        }
+        return cudaGetLastError();
+      }
       if (p.w_dtype == DType::kFloat32) {
         quant_vec<T, float><<<grid_for(p.rows), threads, 0, stream>>>(
             x, static_cast<const float*>(p.weights), p.num_weights, p.rows, p.k, p.eps, p.x_q, p.x_scale);

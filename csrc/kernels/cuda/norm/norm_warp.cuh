@@ -164,6 +164,117 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32)
   }
 }
 
+// Rows too wide for a warp: v1's block layout and reductions (so the same bits), but the
+// single weight is loaded together with x, and multi reduces the amax of up to
+// kMaxFusedWeights weights in one pass with one barrier pair (v1: one pass and one block
+// reduction per weight).
+template <class T, class TW>
+__global__ void __launch_bounds__(kMaxThreads)
+    quant_block_v2(const T* __restrict__ x, const TW* __restrict__ w, int64_t num_w, int64_t rows, int64_t k,
+                   float eps, int8_t* __restrict__ xq, float* __restrict__ xs) {
+  constexpr int N = VecOf<T>::N;
+  constexpr int VPT = kVecPerThread;
+  constexpr int WW = WeightWords<T, TW>::kWords;
+  __shared__ float smem[32];
+  __shared__ float smax[kMaxFusedWeights][32];
+  const int64_t nvec = k / N;
+  const bool single = num_w == 1;
+  const int warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const T* xr = x + row * k;
+    uint4 raw[VPT];
+    uint4 wraw[VPT][WW];
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) {
+      const int64_t vi = j * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+      if (vi < nvec) {
+        raw[j] = ld_stream_warp(xr + vi * N);
+        if (single) load_weight_words<T, TW>(w + vi * N, wraw[j]);
+      }
+    }
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) {
+      const int64_t vi = j * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+      if (vi < nvec) {
+        float f[N];
+        unpack<T, N>(raw[j], f);
+#pragma unroll
+        for (int i = 0; i < N; ++i) ss = fmaf(f[i], f[i], ss);
+      }
+    }
+    const float rstd = rstd_of(block_sum(ss, smem), k, eps);
+    for (int64_t p0 = 0; p0 < num_w; p0 += kMaxFusedWeights) {
+      float amax[kMaxFusedWeights];
+#pragma unroll
+      for (int pp = 0; pp < kMaxFusedWeights; ++pp) amax[pp] = 0.f;
+#pragma unroll
+      for (int j = 0; j < VPT; ++j) {
+        const int64_t vi = j * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+        if (vi < nvec) {
+          float f[N];
+          unpack<T, N>(raw[j], f);
+#pragma unroll
+          for (int pp = 0; pp < kMaxFusedWeights; ++pp) {
+            if (p0 + pp < num_w) {
+              float wf[N];
+              if (single) {
+                unpack_weight_words<T, TW>(wraw[j], wf);
+              } else {
+                load_weights<TW, N>(w + (p0 + pp) * k + vi * N, wf);
+              }
+#pragma unroll
+              for (int i = 0; i < N; ++i) amax[pp] = fmaxf(amax[pp], fabsf((f[i] * rstd) * wf[i]));
+            }
+          }
+        }
+      }
+      // One barrier pair for all the weights' maxima (max is exact in any order).
+#pragma unroll
+      for (int pp = 0; pp < kMaxFusedWeights; ++pp) amax[pp] = warp_max(amax[pp]);
+      __syncthreads();  // smax may still be read by the previous group / row
+      if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+        for (int pp = 0; pp < kMaxFusedWeights; ++pp) smax[pp][warp] = amax[pp];
+      }
+      __syncthreads();
+#pragma unroll
+      for (int pp = 0; pp < kMaxFusedWeights; ++pp) {
+        float t = smax[pp][0];
+        for (int wi = 1; wi < nwarps; ++wi) t = fmaxf(t, smax[pp][wi]);
+        amax[pp] = fmaxf(t, 1e-5f);
+      }
+#pragma unroll
+      for (int pp = 0; pp < kMaxFusedWeights; ++pp) {
+        const int64_t pw = p0 + pp;
+        if (pw < num_w) {
+          const float s = 127.0f / amax[pp];
+          int8_t* qr = xq + (pw * rows + row) * k;
+#pragma unroll
+          for (int j = 0; j < VPT; ++j) {
+            const int64_t vi = j * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+            if (vi < nvec) {
+              float f[N], wf[N];
+              int q[N];
+              unpack<T, N>(raw[j], f);
+              if (single) {
+                unpack_weight_words<T, TW>(wraw[j], wf);
+              } else {
+                load_weights<TW, N>(w + pw * k + vi * N, wf);
+              }
+#pragma unroll
+              for (int i = 0; i < N; ++i) q[i] = quant_code((f[i] * rstd) * wf[i], s);
+              store_codes<N>(qr + vi * N, q);
+            }
+          }
+          if (threadIdx.x == 0) xs[pw * rows + row] = amax[pp] / 127.0f;
+        }
+      }
+    }
+  }
+}
+
 // rms_norm_swish_gate_quant, one row per warp; same operation sequence as swish_gate_vec.
 template <class T, class TW, int C>
 __global__ void __launch_bounds__(kWarpRowsPerBlock * 32)
