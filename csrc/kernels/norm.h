@@ -22,6 +22,14 @@
 
 namespace mmfree {
 
+// CUDA kernel choice of the quantizing forward ops (a numbered variant, so the lead can time
+// and compare them side by side). kAuto takes one row per warp where the row fits
+// (<= 512 16-byte vectors: 4K bf16 / 2K fp32 elements), else the one-row-per-block kernel;
+// kLegacyBlock always takes the block kernel. Both give bit-identical results: the warp
+// kernel reproduces the block kernel's fp32 reduction order. The environment variable
+// MMFREE_NORM_CUDA_VARIANT=1 forces kLegacyBlock for every call (read once).
+enum class NormVariant : int { kAuto = 0, kLegacyBlock = 1 };
+
 // x [rows, K] -> x_q [P, rows, K] int8 and x_scale [P, rows] fp32, one per norm weight.
 struct RmsNormQuantParams {
   const void* x;
@@ -34,6 +42,7 @@ struct RmsNormQuantParams {
   float eps;
   int8_t* x_q;
   float* x_scale;
+  NormVariant variant = NormVariant::kAuto;  // CUDA only
 };
 
 // y = RMSNorm(x + residual) * w in x's dtype (normalizing the fp32 sum);
@@ -69,6 +78,7 @@ struct RmsNormSwishGateParams {
   float norm_eps;
   int8_t* x_q;
   float* x_scale;
+  NormVariant variant = NormVariant::kAuto;  // CUDA, rms_norm_swish_gate_quant only
 };
 
 // Backward of rms_norm: grad wrt the sum s = x (+ residual); dx = ds (+ grad_residual).
