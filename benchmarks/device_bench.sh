@@ -19,8 +19,9 @@ run() {  # run <seconds> <name> <command...>
   timeout "$secs" "$@" > "$LOG/$name.log" 2>&1
   echo "rc=$?" >> "$LOG/$name.log"
   grep -v -E "^(JSON|PASS )" "$LOG/$name.log" | tail -${TAIL:-60}
+  tar czf "$OUT/bench.tgz" -C "$LOG" .  # after every step, in case the call runs out of time
 }
-TAIL=40 run 200 model      python3 benchmarks/bench_model.py --device cuda --json "$LOG/model.json"
+TAIL=40 run 170 model      python3 benchmarks/bench_model.py --device cuda --json "$LOG/model.json"
 TAIL=70 run 120 ternary_bin "$BIN/bench_ternary_cuda"
 TAIL=40 run 60  norm_bin    "$BIN/bench_norm" cuda
 TAIL=40 run 90  mlgru_bin   "$BIN/bench_mlgru"
