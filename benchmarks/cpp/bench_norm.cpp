@@ -97,7 +97,7 @@ T* upload(const std::vector<T>& v) {
   return d;
 }
 
-std::string variant_tag(NormVariant v) { return v == NormVariant::kLegacyBlock ? " [v1 block]" : " [v2 warp]"; }
+std::string variant_tag(NormVariant v) { return v == NormVariant::kBlock ? " [v1 block]" : " [v2 warp]"; }
 
 // Runs an op under the legacy and the default variant and checks codes and scales bit for bit.
 template <class Run>
@@ -112,8 +112,8 @@ void compare_variants(const char* name, int8_t* q, float* s, size_t mn, int64_t 
     bench::check_cuda(cudaMemcpy(qh.data(), q, qh.size(), cudaMemcpyDeviceToHost), "download");
     bench::check_cuda(cudaMemcpy(sh.data(), s, sh.size() * sizeof(float), cudaMemcpyDeviceToHost), "download");
   };
-  run_into(NormVariant::kLegacyBlock, q_old, s_old);
-  run_into(NormVariant::kAuto, q_new, s_new);
+  run_into(NormVariant::kBlock, q_old, s_old);
+  run_into(NormVariant::kWarp, q_new, s_new);
   size_t bad_q = 0, bad_s = 0;
   for (size_t i = 0; i < q_old.size(); ++i) bad_q += q_old[i] != q_new[i];
   for (size_t i = 0; i < s_old.size(); ++i) bad_s += std::memcmp(&s_old[i], &s_new[i], sizeof(float)) != 0;
@@ -143,7 +143,7 @@ void bench_cuda(int64_t m, int64_t n) {
   RmsNormQuantParams q3 = qp;
   q3.weights = w3;
   q3.num_weights = 3;
-  for (NormVariant v : {NormVariant::kLegacyBlock, NormVariant::kAuto}) {
+  for (NormVariant v : {NormVariant::kBlock, NormVariant::kWarp}) {
     const std::string tag = variant_tag(v);
     qp.variant = q3.variant = v;
     bench::report(bench::time_cuda("cuda/rms_norm_quant" + tag, shape, dmn * 3 + 4 * m, 0,
@@ -175,7 +175,7 @@ void bench_cuda(int64_t m, int64_t n) {
   g.x_scale = s;
   bench::report(bench::time_cuda("cuda/rms_norm_swish_gate", shape, dmn * 6, 0,
                                  [&] { bench::check_cuda(cuda::rms_norm_swish_gate(g, nullptr), "gate"); }));
-  for (NormVariant v : {NormVariant::kLegacyBlock, NormVariant::kAuto}) {
+  for (NormVariant v : {NormVariant::kBlock, NormVariant::kWarp}) {
     g.variant = v;
     bench::report(bench::time_cuda("cuda/rms_norm_swish_gate_quant" + variant_tag(v), shape, dmn * 5 + 4 * m, 0,
                                    [&] { bench::check_cuda(cuda::rms_norm_swish_gate_quant(g, nullptr), "gate_quant"); }));

@@ -4,8 +4,9 @@
 // multiple of the vector width, 16-byte aligned buffers, and weights in x's dtype or fp32.
 // Everything else (odd K, huge K, float64) takes the generic path, which re-reads the row
 // (from L1/L2) for each pass. Both paths run the same fp32 operation sequence.
-// The quantizing ops take one row per warp instead where the row fits (norm_warp.cuh,
-// bit-identical results); NormVariant::kLegacyBlock keeps the block kernels selectable.
+// The quantizing ops can take one row per warp instead where the row fits (norm_warp.cuh,
+// NormVariant::kWarp, bit-identical results); the block kernels are the default because
+// they measured faster on the H100.
 #include <cstdlib>
 
 #include "cuda/norm/norm_common.cuh"
@@ -366,19 +367,21 @@ bool use_vec(int64_t k, DType w_dtype, std::initializer_list<const void*> ptrs) 
   return true;
 }
 
-// MMFREE_NORM_CUDA_VARIANT=1 forces the legacy block kernels (read once).
-bool legacy_forced() {
-  static const bool forced = [] {
+// The kernel variant for a call: MMFREE_NORM_CUDA_VARIANT (0 = warp, 1 = block; read once)
+// overrides the params' choice.
+bool use_block(NormVariant requested) {
+  static const int forced = [] {
     const char* v = std::getenv("MMFREE_NORM_CUDA_VARIANT");
-    return v != nullptr && std::atoi(v) == static_cast<int>(NormVariant::kLegacyBlock);
+    if (v == nullptr || *v == '\0') return -1;
+    return std::atoi(v) == static_cast<int>(NormVariant::kWarp) ? 0 : 1;
   }();
-  return forced;
+  return forced >= 0 ? forced == 1 : requested == NormVariant::kBlock;
 }
 
 // Slots per lane for the warp kernels, 0 where the block kernel runs.
 template <class T>
 int warp_slots_for(NormVariant v, int64_t k) {
-  if (v == NormVariant::kLegacyBlock || legacy_forced()) return 0;
+  if (use_block(v)) return 0;
   return warp_slots(k / VecOf<T>::N);
 }
 
@@ -413,7 +416,7 @@ cudaError_t launch_quant(const RmsNormQuantParams& p, cudaStream_t stream) {
         return cudaGetLastError();
       }
       const int threads = vec_threads(p.k / VecOf<T>::N);
-      if (p.variant != NormVariant::kLegacyBlock && !legacy_forced()) {
+      if (!use_block(p.variant)) {
         if (p.w_dtype == DType::kFloat32) {
           quant_block_v2<T, float><<<grid_for(p.rows), threads, 0, stream>>>(
               x, static_cast<const float*>(p.weights), p.num_weights, p.rows, p.k, p.eps, p.x_q, p.x_scale);

@@ -14,11 +14,14 @@ namespace ternary_kernels {
 
 // Largest M the decode GEMV handles in one launch (activation rows staged per block).
 constexpr int kGemvMaxRows = 16;
-// M from which ternary_matmul uses the tensor-core GEMM instead of the GEMV.
-constexpr int kGemmMinRows = kGemvMaxRows + 1;
-// Largest M for which ternary_matmul uses GEMV v2 instead of v1 (0: v1 only). Set from the
-// measured table of bench_ternary_cuda (v1 and v2 side by side).
-constexpr int kGemvV2MaxRows = 16;
+// M from which ternary_matmul uses the tensor-core GEMM instead of the GEMV. Measured on the
+// H100 (bench_ternary_cuda): at M = 8 the GEMM takes 16.7 us for 2560->13824 against the
+// GEMV's 32.5 (36 vs 62 us for 2560->32000; 15.7 vs 15.5 for 2560->2560; only 6912->2560
+// favours the GEMV, 27 vs 35 us), and at M = 16 it wins every shape by 1.6-5x.
+constexpr int kGemmMinRows = 8;
+// Largest M for which ternary_matmul uses GEMV v2 instead of v1 (0: v1 only). v2 measured
+// slower than v1 at every M on the H100 (e.g. M = 1, 2560->13824: 13.9 vs 11.4 us), so off.
+constexpr int kGemvV2MaxRows = 0;
 
 // One thread per output, byte loads: the obviously-correct baseline (any alignment).
 cudaError_t launch_simple(const TernaryMatmulParams& p, cudaStream_t stream);
