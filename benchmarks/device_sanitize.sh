@@ -27,11 +27,17 @@ run memcheck pack      $PYT tests/test_pack.py -k "cuda"
 run memcheck norm      $PYT tests/test_norm.py -k "cuda and not gradcheck and (2560 or 7 or 8193 or empty or multi or agree or extremes)"
 run racecheck norm     $PYT tests/test_norm.py -k "cuda and matches_reference and 2560"
 run memcheck ternary   $PYT tests/test_ternary_cuda.py -k "cpu_and_cuda or extreme or empty or misaligned or graph"
+run memcheck ternary_t  $PYT tests/test_ternary_t_cuda.py -k "exact and (1-5-3 or 7-300 or 15-64 or 200-37) or leading or backward"
+run racecheck ternary_t $PYT tests/test_ternary_t_cuda.py -k "exact and 7-300"
 run memcheck ternary_linear $PYT tests/test_ternary.py -k "cuda"
 run memcheck mlgru     $PYT tests/test_mlgru.py -k "cuda and (paths_agree or varlen or decode or unaligned or empty)"
 run racecheck mlgru    $PYT tests/test_mlgru.py -k "cuda and paths_agree"
 if [ -x "$BIN/bench_ternary_cuda" ]; then
   run memcheck ternary_bin  "$BIN/bench_ternary_cuda" --check-only
   run racecheck ternary_bin "$BIN/bench_ternary_cuda" --check-only
+fi
+if [ -x "$BIN/bench_ternary_t_cuda" ]; then
+  run memcheck ternary_t_bin  "$BIN/bench_ternary_t_cuda" --check-only
+  run racecheck ternary_t_bin "$BIN/bench_ternary_t_cuda" --check-only
 fi
 exit $status

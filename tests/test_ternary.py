@@ -422,3 +422,44 @@ def test_rmsnorm_module_matches_reference() -> None:
     expected = ref.rms_norm(x, norm.weight)[0]
     # fp32 statistics summed in another order: a few ulps of the output.
     torch.testing.assert_close(norm(x), expected, rtol=4 * torch.finfo(torch.float32).eps, atol=1e-6)
+
+
+# ---- ternary_matmul_grouped -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("m", "k", "n", "groups"),
+    [(1, 2560, 300, 3), (4, 100, 37, 2), (7, 6913, 5, 4), (8, 300, 64, 3), (17, 130, 70, 3), (2, 64, 16, 5)],
+)
+def test_grouped_equals_separate_products(device: str, m: int, k: int, n: int, groups: int) -> None:
+    """One call of G products == G ternary_matmul calls, bit for bit: the grouped GEMV on
+    CUDA (M < 8, G <= 4) and the per-group fallback (M >= 8 or G > 4)."""
+    x_q = torch.randint(-128, 128, (groups, m, k), dtype=torch.int8, device=device)
+    x_scale = torch.rand(groups, m, device=device)
+    packed = [ref.pack_ternary(torch.randint(-1, 2, (n, k), dtype=torch.int8)).to(device) for _ in range(groups)]
+    w_scale = [torch.rand((), device=device) + 0.01 for _ in range(groups)]
+    for dtype in (torch.float32, torch.bfloat16):
+        out = mmfree_ext.ternary_matmul_grouped(x_q, x_scale, packed, w_scale, dtype)
+        assert out.shape == (groups, m, n) and out.dtype == dtype
+        for g in range(groups):
+            want = torch.ops.mmfree.ternary_matmul(x_q[g], x_scale[g], packed[g], w_scale[g], dtype)
+            assert torch.equal(out[g], want), f"group {g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_opcheck_and_bad_input(device: str) -> None:
+    x_q = torch.randint(-128, 128, (3, 2, 130), dtype=torch.int8, device=device)
+    x_scale = torch.rand(3, 2, device=device)
+    packed = [ref.pack_ternary(torch.randint(-1, 2, (9, 130), dtype=torch.int8)).to(device) for _ in range(3)]
+    w_scale = [torch.rand((), device=device) for _ in range(3)]
+    torch.library.opcheck(torch.ops.mmfree.ternary_matmul_grouped, (x_q, x_scale, packed, w_scale, torch.bfloat16))
+    with pytest.raises(RuntimeError, match="one 'packed' and one 'w_scale' per group"):
+        torch.ops.mmfree.ternary_matmul_grouped(x_q, x_scale, packed[:2], w_scale, torch.float32)
+    other = ref.pack_ternary(torch.randint(-1, 2, (10, 130), dtype=torch.int8)).to(device)
+    with pytest.raises(RuntimeError, match="same N rows"):
+        torch.ops.mmfree.ternary_matmul_grouped(x_q, x_scale, [*packed[:2], other], w_scale, torch.float32)
+    with pytest.raises(RuntimeError, match="'x_scale' must have shape"):
+        torch.ops.mmfree.ternary_matmul_grouped(x_q, x_scale[:, :1].contiguous(), packed, w_scale, torch.float32)
+    with pytest.raises(RuntimeError, match="'x_q' must have dtype"):
+        torch.ops.mmfree.ternary_matmul_grouped(x_q.float(), x_scale, packed, w_scale, torch.float32)

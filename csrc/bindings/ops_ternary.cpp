@@ -10,6 +10,10 @@
 // instead of saving them: nothing but the op inputs is kept for backward.
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
 #include "bindings/checks.h"
 #include "common/ternary_format.h"
 #include "ternary.h"
@@ -106,7 +110,130 @@ at::Tensor ternary_matmul_impl(const at::Tensor& x_q, const at::Tensor& x_scale,
   return out;
 }
 
+// ---- ternary_matmul_grouped ---------------------------------------------------------------
+
+// G products of the same shape in one call: out[g] = ternary_matmul(x_q[g], x_scale[g],
+// packed[g], w_scale[g]). On CUDA, decode-sized ones share one GEMV launch (the i/f/g
+// projections of a decode step).
+at::Tensor ternary_matmul_grouped_impl(const at::Tensor& x_q, const at::Tensor& x_scale, at::TensorList packed,
+                                       at::TensorList w_scale, at::ScalarType out_dtype) {
+  check_dtype(x_q, "x_q", at::kChar);
+  TORCH_CHECK(x_q.dim() >= 2, "mmfree: argument 'x_q' must be [G, ..., K] with at least 2 dims, got shape ", x_q.sizes());
+  check_contiguous(x_q, "x_q");
+  const int64_t groups = x_q.size(0);
+  TORCH_CHECK(groups >= 1 && static_cast<int64_t>(packed.size()) == groups &&
+                  static_cast<int64_t>(w_scale.size()) == groups,
+              "mmfree: ternary_matmul_grouped needs one 'packed' and one 'w_scale' per group: x_q has G=", groups,
+              ", got ", packed.size(), " packed and ", w_scale.size(), " w_scale tensors");
+  const int64_t k = x_q.size(-1);
+  TORCH_CHECK(k >= 1, "mmfree: argument 'x_q' must have K >= 1 (last dim), got shape ", x_q.sizes());
+  check_dtype(x_scale, "x_scale", at::kFloat);
+  check_contiguous(x_scale, "x_scale");
+  check_same_device(x_scale, "x_scale", x_q, "x_q");
+  TORCH_CHECK(x_scale.sizes() == x_q.sizes().slice(0, x_q.dim() - 1), "mmfree: argument 'x_scale' must have shape ",
+              x_q.sizes().slice(0, x_q.dim() - 1), " (x_q's leading dims), got ", x_scale.sizes());
+  const int64_t n = packed[0].dim() == 2 ? packed[0].size(0) : -1;
+  for (int64_t g = 0; g < groups; ++g) {
+    check_packed_for(packed[g], k, x_q, "x_q");
+    check_w_scale(w_scale[g], x_q, "x_q");
+    TORCH_CHECK(packed[g].size(0) == n, "mmfree: every 'packed' must have the same N rows, got ", n, " and ",
+                packed[g].size(0), " (group ", g, ")");
+  }
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
+              "mmfree: argument 'out_dtype' must be float32, bfloat16 or float16, got ", out_dtype);
+  at::Tensor out = at::empty(with_last(x_q.sizes(), n), x_q.options().dtype(out_dtype));
+  const int64_t m = x_q.numel() / (k * groups);
+  if (m == 0 || n == 0) return out;
+  std::vector<TernaryMatmulParams> ps;
+  const int64_t esize = out.element_size();
+  for (int64_t g = 0; g < groups; ++g) {
+    ps.push_back(TernaryMatmulParams{x_q.data_ptr<int8_t>() + g * m * k, k, x_scale.data_ptr<float>() + g * m,
+                                     packed[g].data_ptr<uint8_t>(), w_scale[g].data_ptr<float>(),
+                                     static_cast<char*>(out.data_ptr()) + g * m * n * esize, to_dtype(out_dtype), m,
+                                     n, k});
+  }
+  if (x_q.is_cuda()) {
+#if defined(MMFREE_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(x_q.device());
+    MMFREE_CUDA_CHECK(cuda::ternary_matmul_grouped(ps.data(), static_cast<int>(groups), current_stream(x_q)));
+#endif
+  } else {
+    for (const auto& p : ps) cpu::ternary_matmul(p);
+  }
+  return out;
+}
+
 // ---- ternary_matmul_t -------------------------------------------------------------------
+
+#if defined(MMFREE_WITH_CUDA)
+// Which CUDA implementation of ternary_matmul_t runs. "panels" (default): W_q is decoded one
+// column panel (<= 16 MiB) at a time into the grad's dtype (bf16, fp16 or fp32; exact) and
+// multiplied by cuBLAS with fp32 output: the precision of a dense product in that dtype,
+// at cuBLAS speed (wgmma on sm_90). "mma": the torch-free mma.sync kernel that decodes the
+// codes in shared memory (gemm_t.cu), bf16 grads only; measured 2.4x slower than the panels
+// on the H100 (1776 us at M = 8192, N = 13824, K = 2560), see benchmarks/NOTES.md.
+bool use_mma_kernel(const at::Tensor& grad) {
+  const char* v = std::getenv("MMFREE_TERNARY_T_CUDA");
+  const std::string impl = v == nullptr ? "" : v;
+  TORCH_CHECK(impl.empty() || impl == "panels" || impl == "mma",
+              "mmfree: MMFREE_TERNARY_T_CUDA must be 'panels' or 'mma', got '", impl, "'");
+  return impl == "mma" && grad.scalar_type() == at::kBFloat16;
+}
+
+// out[m, :] = g @ W_q over column panels of decoded weights; g is [M, N] in the compute dtype.
+void matmul_t_panels(const at::Tensor& g, const at::Tensor& packed, int64_t k, at::Tensor& out) {
+  constexpr int64_t kPanelBytes = int64_t{16} << 20;
+  const int64_t n = packed.size(0);
+  const int64_t esize = g.element_size();
+  const int64_t nblocks = ternary::blocks_per_row(k);
+  const int64_t panel_blocks = std::clamp<int64_t>(kPanelBytes / (esize * n * ternary::kBlockWeights), 1, nblocks);
+  const cudaStream_t stream = current_stream(packed);
+  for (int64_t b0 = 0; b0 < nblocks; b0 += panel_blocks) {
+    const int64_t b1 = std::min(nblocks, b0 + panel_blocks);
+    const int64_t c0 = b0 * ternary::kBlockWeights;
+    const int64_t width = std::min(k, b1 * ternary::kBlockWeights) - c0;
+    at::Tensor w = at::empty({n, width}, g.options());
+    TernaryDecodePanelParams d{packed.data_ptr<uint8_t>(), n, k, b0, b1, w.data_ptr(), to_dtype(g.scalar_type())};
+    MMFREE_CUDA_CHECK(cuda::ternary_decode_panel(d, stream));
+    at::Tensor o = out.narrow(1, c0, width);
+    if (g.scalar_type() == at::kFloat) {
+      at::mm_out(o, g, w);
+    } else {
+      at::mm_out(o, g, w, at::kFloat);  // 16-bit operands, fp32 accumulation and output
+    }
+  }
+}
+
+// out_dtype: fp32 for the op; the BitLinear backward asks for x's dtype, which the panels
+// path then writes in the same pass that applies w_scale.
+at::Tensor ternary_matmul_t_cuda(const at::Tensor& grad, at::Tensor packed, const at::Tensor& w_scale,
+                                 int64_t in_features, const std::vector<int64_t>& out_sizes,
+                                 at::ScalarType out_dtype = at::kFloat) {
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t n = packed.size(0);
+  if (n == 0) return at::zeros(out_sizes, grad.options().dtype(out_dtype));  // an empty sum
+  const int64_t m = grad.numel() / n;
+  at::Tensor out = at::empty(out_sizes, grad.options().dtype(at::kFloat));
+  if (m == 0) return out.to(out_dtype);
+  // The kernels read packed rows in 16-byte chunks; a view at an odd offset gets copied.
+  if (reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 != 0) packed = packed.clone();
+  if (use_mma_kernel(grad)) {
+    at::Tensor g = grad.contiguous();
+    if (reinterpret_cast<uintptr_t>(g.data_ptr()) % 16 != 0) g = g.clone();
+    TernaryMatmulTCudaParams p{g.data_ptr(), DType::kBFloat16, 1, packed.data_ptr<uint8_t>(),
+                               w_scale.data_ptr<float>(), out.data_ptr<float>(), m, n, in_features};
+    MMFREE_CUDA_CHECK(cuda::ternary_matmul_t(p, current_stream(grad)));
+    return out.to(out_dtype);
+  }
+  const at::Tensor g = (grad.scalar_type() == at::kDouble ? grad.to(at::kFloat) : grad).reshape({m, n}).contiguous();
+  at::Tensor out2 = out.view({m, in_features});
+  matmul_t_panels(g, packed, in_features, out2);
+  // w_scale after the sums, as the kernel does (a device scalar: no host sync).
+  if (out_dtype == at::kFloat) return out.mul_(w_scale.reshape({}));
+  at::Tensor res = at::empty(out_sizes, grad.options().dtype(out_dtype));
+  return at::mul_out(res, out, w_scale.reshape({}));
+}
+#endif
 
 at::Tensor ternary_matmul_t_impl(const at::Tensor& grad, const at::Tensor& packed, const at::Tensor& w_scale,
                                  int64_t in_features) {
@@ -120,12 +247,9 @@ at::Tensor ternary_matmul_t_impl(const at::Tensor& grad, const at::Tensor& packe
               grad.sizes());
   const auto out_sizes = with_last(grad.sizes(), in_features);
   if (grad.is_cuda()) {
-    // No dedicated CUDA kernel yet: decode W to int8, then a dense fp32 product.
-    static auto unpack = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mmfree::unpack_ternary", "")
-                             .typed<at::Tensor(const at::Tensor&, int64_t)>();
-    at::Tensor w = unpack.call(packed, in_features).to(at::kFloat).mul_(w_scale.reshape({}));
-    return at::matmul(grad.to(at::kFloat), w).reshape(out_sizes);
+#if defined(MMFREE_WITH_CUDA)
+    return ternary_matmul_t_cuda(grad, packed, w_scale, in_features, out_sizes);
+#endif
   }
   at::Tensor g = grad.to(at::kFloat).contiguous();
   at::Tensor out = at::empty(out_sizes, grad.options().dtype(at::kFloat));
@@ -187,16 +311,44 @@ void check_grad_out(const at::Tensor& grad_out, const at::Tensor& x, int64_t n) 
               with_last(x.sizes(), n), " (x's leading dims, N), got ", grad_out.sizes());
 }
 
-// STE backward through the product and the RMSNorm, in fp32 (as the reference):
+at::Tensor call_rms_norm_backward_dx_dg(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, double eps,
+                                         at::Tensor* dweight) {
+  using Sig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mmfree::rms_norm_backward", "").typed<Sig>();
+  auto [dx, dw] = op.call(grad_y, x, weight, eps, std::nullopt, std::nullopt);
+  *dweight = dw;
+  return dx;
+}
+
+// STE backward through the product and the RMSNorm:
 //   dxn = dY @ (W_q * w_scale)                 (ternary_matmul_t, from the packed codes)
 //   dg  = sum_rows(dxn * xhat),  xhat = x * rstd
 //   dx  = rstd * (dxn*g - xhat * mean(dxn*g * xhat))
-// Returns (dx in x's dtype, dg in norm_weight's dtype, g2 = dY as fp32 [M, N]).
+// For fp32/bf16/fp16 x the last two lines are the fused mmfree::rms_norm_backward, fed dxn
+// in x's dtype (a 16-bit x gets dxn rounded to 16 bits, as a 16-bit autograd graph of the
+// reference would hold it). float64 (gradcheck) stays in fp32 ops, widened at the end.
+// Returns (dx in x's dtype, dg in norm_weight's dtype, g2 = dY as [M, N] in dY's dtype, or
+// fp32 for a float64 dY).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_and_input_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                                        const at::Tensor& packed, const at::Tensor& w_scale,
                                                                        const at::Tensor& norm_weight, double eps) {
   const int64_t k = x.size(-1), n = packed.size(0);
-  const at::Tensor g2 = grad_out.reshape({-1, n}).to(at::kFloat).contiguous();
+  at::Tensor g2 = grad_out.reshape({-1, n});
+  g2 = (g2.scalar_type() == at::kDouble ? g2.to(at::kFloat) : g2).contiguous();
+  const bool fused = x.scalar_type() != at::kDouble &&
+                     (norm_weight.scalar_type() == x.scalar_type() || norm_weight.scalar_type() == at::kFloat);
+  if (fused) {
+    at::Tensor dxn;
+#if defined(MMFREE_WITH_CUDA)
+    if (g2.is_cuda()) dxn = ternary_matmul_t_cuda(g2, packed, w_scale, k, {g2.size(0), k}, x.scalar_type());
+#endif
+    if (!dxn.defined()) dxn = ternary_matmul_t_impl(g2, packed, w_scale, k).to(x.scalar_type());
+    at::Tensor dg;
+    const at::Tensor x2 = x.reshape({-1, k}).contiguous();
+    at::Tensor dx = call_rms_norm_backward_dx_dg(dxn, x2, norm_weight.contiguous(), eps, &dg);
+    return {dx.reshape(x.sizes()), dg, g2};
+  }
   at::Tensor dxn = ternary_matmul_t_impl(g2, packed, w_scale, k);
   const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat);
   const at::Tensor rstd = at::rsqrt(x2.square().sum(-1, true).div_(static_cast<double>(k)).add_(eps));
@@ -218,10 +370,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ternary_linear_backward_impl(cons
   auto [packed, w_scale] = call_quantize_ternary(weight);
   auto [dx, dg, g2] = norm_and_input_backward(grad_out, x, packed, w_scale, norm_weight, eps);
   // dW = dY^T @ (x_q * x_scale): the int8 activations are recomputed from x (same kernel as
-  // the forward, so bit-identical), one dense fp32 product.
+  // the forward, so bit-identical), then one dense product (cuBLAS on CUDA). It runs in
+  // dY's dtype: a 16-bit dY gives a 16-bit product with fp32 accumulation (what a 16-bit
+  // nn.Linear does), an fp32 dY an fp32 one.
   auto [x_q, x_scale] = quantized_input(x, norm_weight, eps);
   const int64_t k = x.size(-1);
-  const at::Tensor x_deq = x_q.reshape({-1, k}).to(at::kFloat).mul_(x_scale.reshape({-1, 1}));
+  // One pass: the int8 x fp32 product is computed in fp32 and rounded once into dY's dtype.
+  at::Tensor x_deq = at::empty({x_q.numel() / k, k}, g2.options());
+  at::mul_out(x_deq, x_q.reshape({-1, k}), x_scale.reshape({-1, 1}));
   at::Tensor dw = at::mm(g2.t(), x_deq).to(weight.scalar_type());
   return {dx, dw, dg};
 }
@@ -242,6 +398,9 @@ std::tuple<at::Tensor, at::Tensor> ternary_linear_packed_backward_impl(const at:
 
 TORCH_LIBRARY_FRAGMENT(mmfree, m) {
   m.def("ternary_matmul(Tensor x_q, Tensor x_scale, Tensor packed, Tensor w_scale, ScalarType out_dtype) -> Tensor");
+  m.def(
+      "ternary_matmul_grouped(Tensor x_q, Tensor x_scale, Tensor[] packed, Tensor[] w_scale, ScalarType out_dtype) "
+      "-> Tensor");
   m.def("ternary_matmul_t(Tensor grad, Tensor packed, Tensor w_scale, int in_features) -> Tensor");
   m.def("ternary_linear(Tensor x, Tensor weight, Tensor norm_weight, float eps) -> Tensor");
   m.def(
@@ -255,6 +414,7 @@ TORCH_LIBRARY_FRAGMENT(mmfree, m) {
 
 TORCH_LIBRARY_IMPL(mmfree, CPU, m) {
   m.impl("ternary_matmul", &ternary_matmul_impl);
+  m.impl("ternary_matmul_grouped", &ternary_matmul_grouped_impl);
   m.impl("ternary_matmul_t", &ternary_matmul_t_impl);
   m.impl("ternary_linear", &ternary_linear_impl);
   m.impl("ternary_linear_backward", &ternary_linear_backward_impl);
@@ -265,6 +425,7 @@ TORCH_LIBRARY_IMPL(mmfree, CPU, m) {
 #if defined(MMFREE_WITH_CUDA)
 TORCH_LIBRARY_IMPL(mmfree, CUDA, m) {
   m.impl("ternary_matmul", &ternary_matmul_impl);
+  m.impl("ternary_matmul_grouped", &ternary_matmul_grouped_impl);
   m.impl("ternary_matmul_t", &ternary_matmul_t_impl);
   m.impl("ternary_linear", &ternary_linear_impl);
   m.impl("ternary_linear_backward", &ternary_linear_backward_impl);

@@ -37,6 +37,35 @@ struct TernaryMatmulTParams {
   int64_t M, N, K;
 };
 
+// The CUDA transposed product runs on bf16 tensor cores (W_q is exact in bf16, the products
+// of bf16 terms with +-1 are exact, accumulation is fp32). Wider grads come as `splits`
+// bf16 terms whose sum is the grad exactly: fp16 as hi + lo, fp32 as hi + mid + lo (3 x 8
+// significand bits cover fp32's 24); all terms are read against the same decoded weight
+// tile, so the result is an fp32 sum of exact products, as on the CPU. (fp16 is not given
+// to fp16 mma: Hopper's tensor cores align each k-group's products to a fixed window before
+// adding, which truncates 22-bit fp16 products but never the <= 9-bit bf16 x +-1 ones.)
+struct TernaryMatmulTCudaParams {
+  const void* grad;       // [splits, M, N] contiguous bf16, 16-byte aligned for the fast path
+  DType grad_dtype;       // must be DType::kBFloat16
+  int splits;             // 1, 2 or 3 terms
+  const uint8_t* packed;  // [N, ternary::row_bytes(K)], 16-byte aligned
+  const float* w_scale;   // one element
+  float* out;             // [M, K] contiguous
+  int64_t M, N, K;
+};
+
+#if defined(MMFREE_WITH_CUDA)
+// A column panel of W_q, decoded: out[n, c] = w[n, block_begin*128 + c] for
+// c < width = min(K, block_end*128) - block_begin*128; out is [N, width] contiguous.
+struct TernaryDecodePanelParams {
+  const uint8_t* packed;  // [N, ternary::row_bytes(K)], 4-byte aligned
+  int64_t N, K;
+  int64_t block_begin, block_end;  // packed blocks (128 columns each) of the panel
+  void* out;
+  DType out_dtype;  // bf16, fp16 or fp32
+};
+#endif
+
 namespace cpu {
 void ternary_matmul(const TernaryMatmulParams& p);
 void ternary_matmul_t(const TernaryMatmulTParams& p);
@@ -45,6 +74,14 @@ void ternary_matmul_t(const TernaryMatmulTParams& p);
 #if defined(MMFREE_WITH_CUDA)
 namespace cuda {
 cudaError_t ternary_matmul(const TernaryMatmulParams& p, cudaStream_t stream);
+// `groups` independent products; decode-sized ones (M < the GEMM threshold, same M, N, K
+// and out_dtype, at most 4) share one GEMV launch, others run one after another.
+cudaError_t ternary_matmul_grouped(const TernaryMatmulParams* ps, int groups, cudaStream_t stream);
+// cudaErrorInvalidValue for a grad_dtype other than bf16, splits outside 1..3, or a
+// misaligned `packed`.
+cudaError_t ternary_matmul_t(const TernaryMatmulTCudaParams& p, cudaStream_t stream);
+// cudaErrorInvalidValue for a block range outside the row or a misaligned `packed`.
+cudaError_t ternary_decode_panel(const TernaryDecodePanelParams& p, cudaStream_t stream);
 }  // namespace cuda
 #endif
 

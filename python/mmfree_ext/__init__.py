@@ -21,6 +21,7 @@ from .ops import (
     ternary_linear,
     ternary_linear_packed,
     ternary_matmul,
+    ternary_matmul_grouped,
     ternary_matmul_t,
     unpack_ternary,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "ternary_linear",
     "ternary_linear_packed",
     "ternary_matmul",
+    "ternary_matmul_grouped",
     "ternary_matmul_t",
     "unpack_ternary",
 ]

@@ -97,6 +97,14 @@ def ternary_matmul(x_q: Tensor, x_scale: Tensor, packed: Tensor, w_scale: Tensor
     return mm.ternary_matmul(x_q, x_scale, packed, w_scale, out_dtype)
 
 
+def ternary_matmul_grouped(
+    x_q: Tensor, x_scale: Tensor, packed: list[Tensor], w_scale: list[Tensor], out_dtype: torch.dtype
+) -> Tensor:
+    """``ternary_matmul`` of group ``g`` of ``x_q [G, ..., K]`` with ``packed[g]``; one GEMV
+    launch for all groups at decode sizes (the MLGRU's i/f/g projections)."""
+    return mm.ternary_matmul_grouped(x_q, x_scale, packed, w_scale, out_dtype)
+
+
 def bit_linear_packed(x: Tensor, packed: Tensor, w_scale: Tensor, norm_weight: Tensor, eps: float) -> Tensor:
     """Inference BitLinear on packed 2-bit weights, output in x's dtype."""
     return mm.ternary_linear_packed(x, packed, w_scale, norm_weight, eps)

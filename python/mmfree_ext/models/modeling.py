@@ -69,12 +69,13 @@ class MLGRU(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         eps = self.eps
         if _is_packed(self.i_proj):
-            # i, f, g read the same normalized input: one rstd, three norm weights.
+            # i, f, g read the same normalized input: one rstd, three norm weights, and one
+            # grouped product (a single GEMV launch at decode sizes).
             x_q, x_scale = L.rms_norm_quant_multi(a, self.ifg_norm_weights(), eps)
-            i, f, g = (
-                L.ternary_matmul(x_q[p], x_scale[p], proj.packed, proj.w_scale, a.dtype)
-                for p, proj in enumerate((self.i_proj, self.f_proj, self.g_proj))
-            )
+            projs = (self.i_proj, self.f_proj, self.g_proj)
+            i, f, g = L.ternary_matmul_grouped(
+                x_q, x_scale, [p.packed for p in projs], [p.w_scale for p in projs], a.dtype
+            ).unbind(0)
             h, h_last = L.mlgru_scan(i, f, lower_bound, h0, mask)
             o_q, o_scale = L.swish_gate_quant(g, h, self.g_norm.weight, eps, self.o_proj.norm.weight, eps)
             return L.ternary_matmul(o_q, o_scale, self.o_proj.packed, self.o_proj.w_scale, a.dtype), h_last

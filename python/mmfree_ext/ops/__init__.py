@@ -14,7 +14,13 @@ from .norm import (
     rms_norm_swish_gate_quant,
 )
 from .pack import quantize_ternary, unpack_ternary
-from .ternary import ternary_linear, ternary_linear_packed, ternary_matmul, ternary_matmul_t
+from .ternary import (
+    ternary_linear,
+    ternary_linear_packed,
+    ternary_matmul,
+    ternary_matmul_grouped,
+    ternary_matmul_t,
+)
 
 __all__ = [
     "mlgru_scan",
@@ -27,6 +33,7 @@ __all__ = [
     "ternary_linear",
     "ternary_linear_packed",
     "ternary_matmul",
+    "ternary_matmul_grouped",
     "ternary_matmul_t",
     "unpack_ternary",
 ]

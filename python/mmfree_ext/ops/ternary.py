@@ -18,7 +18,7 @@ import torch
 
 from ._common import check_packed_shape
 
-__all__ = ["ternary_linear", "ternary_linear_packed", "ternary_matmul", "ternary_matmul_t"]
+__all__ = ["ternary_linear", "ternary_linear_packed", "ternary_matmul", "ternary_matmul_grouped", "ternary_matmul_t"]
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -39,6 +39,24 @@ def ternary_matmul(
     with ``acc`` the exact integer product.
     """
     return torch.ops.mmfree.ternary_matmul(x_q, x_scale, packed, w_scale, out_dtype)
+
+
+def ternary_matmul_grouped(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    packed: list[torch.Tensor],
+    w_scale: list[torch.Tensor],
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``G`` ternary products of one shape in one call: ``out[g] = ternary_matmul(x_q[g],
+    x_scale[g], packed[g], w_scale[g])``.
+
+    ``x_q`` int8 ``[G, ..., K]``, ``x_scale`` fp32 ``[G, ...]``, ``G`` packed weights with the
+    same ``[N, ceil(K/128)*32]`` shape and ``G`` scales. Returns ``[G, ..., N]``. On CUDA,
+    decode-sized products (fewer than 8 rows each, ``G <= 4``) share one GEMV launch, e.g. the
+    i/f/g projections of an MLGRU decode step fed by :func:`rms_norm_quant_multi`.
+    """
+    return torch.ops.mmfree.ternary_matmul_grouped(x_q, x_scale, list(packed), list(w_scale), out_dtype)
 
 
 def ternary_matmul_t(grad: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -98,6 +116,28 @@ def _ternary_matmul_fake(
     torch._check(out_dtype in _OUT_DTYPES, lambda: f"mmfree: 'out_dtype' must be fp32/bf16/fp16, got {out_dtype}")
     check_packed_shape(packed, x_q.shape[-1])
     return x_q.new_empty((*x_q.shape[:-1], packed.shape[0]), dtype=out_dtype)
+
+
+@torch.library.register_fake("mmfree::ternary_matmul_grouped")
+def _ternary_matmul_grouped_fake(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    packed: list[torch.Tensor],
+    w_scale: list[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    torch._check(x_q.dtype == torch.int8, lambda: f"mmfree: argument 'x_q' must have dtype int8, got {x_q.dtype}")
+    torch._check(x_q.dim() >= 2, lambda: "mmfree: argument 'x_q' must be [G, ..., K] with at least 2 dims")
+    torch._check(
+        len(packed) == x_q.shape[0] and len(w_scale) == x_q.shape[0],
+        lambda: "mmfree: ternary_matmul_grouped needs one 'packed' and one 'w_scale' per group",
+    )
+    torch._check(x_scale.shape == x_q.shape[:-1], lambda: "mmfree: argument 'x_scale' must have x_q's leading dims")
+    torch._check(out_dtype in _OUT_DTYPES, lambda: f"mmfree: 'out_dtype' must be fp32/bf16/fp16, got {out_dtype}")
+    for p in packed:
+        check_packed_shape(p, x_q.shape[-1])
+        torch._check(p.shape[0] == packed[0].shape[0], lambda: "mmfree: every 'packed' must have the same N rows")
+    return x_q.new_empty((*x_q.shape[:-1], packed[0].shape[0]), dtype=out_dtype)
 
 
 @torch.library.register_fake("mmfree::ternary_matmul_t")

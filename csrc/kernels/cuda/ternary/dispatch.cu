@@ -21,5 +21,23 @@ cudaError_t ternary_matmul(const TernaryMatmulParams& p, cudaStream_t stream) {
   return launch_gemm(p, stream);
 }
 
+cudaError_t ternary_matmul_grouped(const TernaryMatmulParams* ps, int groups, cudaStream_t stream) {
+  using namespace ternary_kernels;
+  if (groups < 1) return cudaErrorInvalidValue;
+  bool gemv = groups <= kMaxGemvGroups;
+  for (int i = 0; i < groups; ++i) {
+    const TernaryMatmulParams& p = ps[i];
+    if (p.M < 0 || p.N < 0 || p.K < 0 || p.x_row_stride < p.K) return cudaErrorInvalidValue;
+    gemv &= reinterpret_cast<uintptr_t>(p.packed) % 16 == 0 && p.M < kGemmMinRows && p.M == ps[0].M &&
+            p.N == ps[0].N && p.K == ps[0].K && p.out_dtype == ps[0].out_dtype;
+  }
+  if (gemv) return launch_gemv_grouped(ps, groups, stream);
+  for (int i = 0; i < groups; ++i) {
+    const cudaError_t err = ternary_matmul(ps[i], stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 }  // namespace cuda
 }  // namespace mmfree

@@ -25,8 +25,6 @@ namespace cuda {
 namespace ternary_kernels {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
 constexpr int kUnroll = 2;                 // chunks per lane and row loaded before use
 // Staged activations per block: the 48 KB default limit covers dynamic + static shared
 // memory, so leave room for the static row sums (no opt-in attribute needed).
@@ -66,8 +64,16 @@ __device__ __forceinline__ int4 load_x16(const int8_t* row, int64_t k0, int64_t 
   return make_int4(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]), static_cast<int>(w[3]));
 }
 
-template <int MT, int R, class T>
-__global__ void __launch_bounds__(kThreads) gemv_kernel(TernaryMatmulParams p, int slab_blocks, bool x_vec) {
+// Up to kMaxGemvGroups products with the same M, N and K in one launch (blockIdx.y picks
+// the group): the i/f/g projections of a decode step share a launch.
+struct GemvBatch {
+  TernaryMatmulParams g[kMaxGemvGroups];
+};
+
+template <int MT, int R, int kWarps, class T>
+__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvBatch batch, int slab_blocks, bool x_vec) {
+  constexpr int kThreads = kWarps * 32;
+  const TernaryMatmulParams& p = batch.g[blockIdx.y];
   extern __shared__ int4 xs[];  // [MT][4][chunks of the slab]
   __shared__ int xsum[MT];
   const int lane = threadIdx.x & 31;
@@ -92,6 +98,19 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(TernaryMatmulParams p, i
   }
   if (threadIdx.x < MT) xsum[threadIdx.x] = 0;
 
+  uint4 w[kUnroll][R];
+  auto load_weights = [&](int c0, int nch, int64_t c_base) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + u * 32 + lane;
+#pragma unroll
+      for (int r = 0; r < R; ++r) w[u][r] = c < nch ? load_stream(wrow[r] + c_base + c) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  // The first weight loads go out before the activations are staged: their DRAM latency
+  // then overlaps the staging and its barriers instead of following them.
+  if (nblocks > 0) load_weights(0, static_cast<int>(min(static_cast<int64_t>(slab_blocks), nblocks)) * kChunksPerBlock, 0);
+
   for (int64_t b0 = 0; b0 < nblocks; b0 += slab_blocks) {
     const int nch = static_cast<int>(min(static_cast<int64_t>(slab_blocks), nblocks - b0)) * kChunksPerBlock;
     const int64_t c_base = b0 * kChunksPerBlock;
@@ -112,13 +131,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(TernaryMatmulParams p, i
     __syncthreads();
 
     for (int c0 = 0; c0 < nch; c0 += 32 * kUnroll) {
-      uint4 w[kUnroll][R];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int c = c0 + u * 32 + lane;
-#pragma unroll
-        for (int r = 0; r < R; ++r) w[u][r] = c < nch ? load_stream(wrow[r] + c_base + c) : make_uint4(0, 0, 0, 0);
-      }
+      if (b0 > 0 || c0 > 0) load_weights(c0, nch, c_base);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int c = c0 + u * 32 + lane;
@@ -175,52 +188,69 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(TernaryMatmulParams p, i
   }
 }
 
-template <int MT, int R, class T>
-cudaError_t launch_rows(const TernaryMatmulParams& p, cudaStream_t stream) {
+template <int MT, int R, int W, class T>
+cudaError_t launch_rows(const GemvBatch& b, int groups, cudaStream_t stream) {
+  const TernaryMatmulParams& p = b.g[0];
   const int64_t nblocks = ternary::blocks_per_row(p.K);
   const int budget_blocks = kSmemBudget / (MT * ternary::kBlockWeights);
   const int slab_blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nblocks, budget_blocks)));
   const size_t smem = nblocks == 0 ? 0 : static_cast<size_t>(MT) * slab_blocks * ternary::kBlockWeights;
-  const bool x_vec = reinterpret_cast<uintptr_t>(p.x_q) % 16 == 0 && p.x_row_stride % 16 == 0;
-  const int grid = ceil_div(p.N, static_cast<int64_t>(kWarps) * R);
-  gemv_kernel<MT, R, T><<<grid, kThreads, smem, stream>>>(p, slab_blocks, x_vec);
+  bool x_vec = true;
+  for (int i = 0; i < groups; ++i)
+    x_vec &= reinterpret_cast<uintptr_t>(b.g[i].x_q) % 16 == 0 && b.g[i].x_row_stride % 16 == 0;
+  const dim3 grid(ceil_div(p.N, static_cast<int64_t>(W) * R), groups);
+  gemv_kernel<MT, R, W, T><<<grid, W * 32, smem, stream>>>(b, slab_blocks, x_vec);
   return cudaGetLastError();
 }
 
-template <int R, class T>
-cudaError_t launch_group(const TernaryMatmulParams& p, cudaStream_t stream) {
-  if (p.M <= 1) return launch_rows<1, R, T>(p, stream);
-  if (p.M <= 2) return launch_rows<2, R, T>(p, stream);
-  if (p.M <= 4) return launch_rows<4, R, T>(p, stream);
-  if (p.M <= 8) return launch_rows<8, R, T>(p, stream);
-  return launch_rows<16, R, T>(p, stream);
+template <int R, int W, class T>
+cudaError_t launch_group(const GemvBatch& b, int groups, cudaStream_t stream) {
+  const int64_t m = b.g[0].M;
+  if (m <= 1) return launch_rows<1, R, W, T>(b, groups, stream);
+  if (m <= 2) return launch_rows<2, R, W, T>(b, groups, stream);
+  if (m <= 4) return launch_rows<4, R, W, T>(b, groups, stream);
+  if (m <= 8) return launch_rows<8, R, W, T>(b, groups, stream);
+  return launch_rows<16, R, W, T>(b, groups, stream);
 }
 
 }  // namespace
 
-cudaError_t launch_gemv(const TernaryMatmulParams& p, cudaStream_t stream) {
+cudaError_t launch_gemv_grouped(const TernaryMatmulParams* ps, int groups, cudaStream_t stream) {
+  if (groups < 1 || groups > kMaxGemvGroups) return cudaErrorInvalidValue;
+  const TernaryMatmulParams& p = ps[0];
+  for (int i = 1; i < groups; ++i) {
+    if (ps[i].M != p.M || ps[i].N != p.N || ps[i].K != p.K || ps[i].out_dtype != p.out_dtype) return cudaErrorInvalidValue;
+  }
   if (p.M == 0 || p.N == 0) return cudaSuccess;
   int dev = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err != cudaSuccess) return err;
-  // Four rows per warp amortise the staged activations best; small N takes two so that
-  // every SM gets blocks (2560 rows at 4 per warp would be 160 blocks of 4 warps).
-  const bool few_rows = ceil_div(p.N, 4 * kWarps) < 2 * sms;
+  // Rows per warp: four amortise the staged activations best; two when four would leave
+  // SMs without blocks (2560 rows at 4 per warp are 160 blocks of 4 warps). Measured on
+  // the H100 (M = 1): 2560->2560 6.5 us at two vs 7.0 at four; 6912->2560 9.8 at four vs
+  // 11.7 at two; eight rows per warp, or eight warps per block, were slower everywhere.
+  const bool two_rows = static_cast<int64_t>(ceil_div(p.N, 4 * 4)) * groups < 2 * sms;
   const int64_t esize = dtype_size(p.out_dtype);
   for (int64_t m0 = 0; m0 < p.M; m0 += kGemvMaxRows) {
-    TernaryMatmulParams g = p;
-    g.M = std::min<int64_t>(kGemvMaxRows, p.M - m0);
-    g.x_q = p.x_q + m0 * p.x_row_stride;
-    g.x_scale = p.x_scale + m0;
-    g.out = static_cast<char*>(p.out) + m0 * p.N * esize;
+    GemvBatch b;
+    for (int i = 0; i < groups; ++i) {
+      TernaryMatmulParams& g = b.g[i];
+      g = ps[i];
+      g.M = std::min<int64_t>(kGemvMaxRows, ps[i].M - m0);
+      g.x_q = ps[i].x_q + m0 * ps[i].x_row_stride;
+      g.x_scale = ps[i].x_scale + m0;
+      g.out = static_cast<char*>(ps[i].out) + m0 * ps[i].N * esize;
+    }
     MMFREE_TERNARY_DISPATCH_OUT(p.out_dtype, T, {
-      err = few_rows ? launch_group<2, T>(g, stream) : launch_group<4, T>(g, stream);
+      err = two_rows ? launch_group<2, 4, T>(b, groups, stream) : launch_group<4, 4, T>(b, groups, stream);
     });
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
 }
+
+cudaError_t launch_gemv(const TernaryMatmulParams& p, cudaStream_t stream) { return launch_gemv_grouped(&p, 1, stream); }
 
 }  // namespace ternary_kernels
 }  // namespace cuda

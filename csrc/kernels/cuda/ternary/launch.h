@@ -14,6 +14,8 @@ namespace ternary_kernels {
 
 // Largest M the decode GEMV handles in one launch (activation rows staged per block).
 constexpr int kGemvMaxRows = 16;
+// Most products one grouped GEMV launch takes.
+constexpr int kMaxGemvGroups = 4;
 // M from which ternary_matmul uses the tensor-core GEMM instead of the GEMV. Measured on the
 // H100 (bench_ternary_cuda): at M = 8 the GEMM takes 16.7 us for 2560->13824 against the
 // GEMV's 32.5 (36 vs 62 us for 2560->32000; 15.7 vs 15.5 for 2560->2560; only 6912->2560
@@ -28,6 +30,9 @@ cudaError_t launch_simple(const TernaryMatmulParams& p, cudaStream_t stream);
 // Decode GEMV: dp4a on 2-bit codes, 16-byte weight loads. Any M (launches per 16 rows);
 // needs `packed` 16-byte aligned.
 cudaError_t launch_gemv(const TernaryMatmulParams& p, cudaStream_t stream);
+// Decode GEMV over `groups` (1..kMaxGemvGroups) products with equal M, N, K and out_dtype,
+// in one launch; each needs `packed` 16-byte aligned.
+cudaError_t launch_gemv_grouped(const TernaryMatmulParams* ps, int groups, cudaStream_t stream);
 // Decode GEMV v2: a group of 8/16/32 lanes per output row, all of a row's 16-byte loads in
 // flight before use, activations through L1 (no shared memory, no barrier), weights decoded
 // to signed bytes. Any M (launches per 16 rows); needs `packed` 16-byte aligned

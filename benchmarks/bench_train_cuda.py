@@ -1,0 +1,132 @@
+"""BitLinear training step (forward + backward) on CUDA vs bf16 nn.Linear, same run.
+
+Times y = layer(x); y.backward(dy) for a [M, K] bf16 input and an [N, K] bf16 latent
+weight (all three gradients produced), and its peak memory above the inputs. Compared:
+
+* ``mmfree ternary_linear``: ours (int8 tensor-core forward from weights ternarized and
+  packed on the fly, dX from the packed codes, dW by cuBLAS, fused RMSNorm backward);
+* ``bf16 nn.Linear``: F.linear, the dense baseline of the issue (no norm, no quantization);
+* ``paper BitLinear (eager)``: the paper's unfused BitLinear re-implemented in eager
+  PyTorch (RMSNorm, STE activation and weight quantization, bf16 F.linear). The paper's
+  Triton FusedBitLinear is not installable here; SPEC.md's anchor for it is 2820 us.
+
+A per-stage breakdown of ours follows (each stage timed alone).
+
+    python benchmarks/bench_train_cuda.py --json train_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mmfree_ext  # noqa: F401  (registers torch.ops.mmfree.*)
+from common import time_cuda
+
+EPS = 1e-6
+
+
+def paper_bitlinear(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The paper's unfused BitLinear (STE via x + (q(x) - x).detach()), in x's dtype."""
+    xf = x.float()
+    xn = (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + EPS) * g.float()).to(x.dtype)
+    scale = 127.0 / xn.abs().amax(-1, keepdim=True).clamp_(min=1e-5)
+    x_q = (xn * scale).round().clamp(-128, 127) / scale
+    x_q = xn + (x_q - xn).detach()
+    w_scale = 1.0 / w.abs().mean().clamp_(min=1e-5)
+    w_q = (w * w_scale).round().clamp(-1, 1) / w_scale
+    w_q = w + (w_q - w).detach()
+    return F.linear(x_q, w_q)
+
+
+def step_time_and_memory(step: Callable[[], None], leaves: list[torch.Tensor]) -> tuple[float, float]:
+    """Median microseconds of one step and its peak memory (MiB) above what existed before."""
+
+    def run() -> None:
+        for t in leaves:
+            t.grad = None
+        step()
+
+    times = time_cuda(run, warmup=3, reps=15, flush_l2=False)
+    for t in leaves:
+        t.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    for t in leaves:
+        t.grad = None
+    return statistics.median(times), peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="only cuda is meaningful here")
+    parser.add_argument("--m", type=int, default=8192)
+    parser.add_argument("--k", type=int, default=2560)
+    parser.add_argument("--n", type=int, default=13824)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_train_cuda needs a CUDA device")
+    torch.manual_seed(0)
+    m, k, n = args.m, args.k, args.n
+    dt = torch.bfloat16
+    x = torch.randn(m, k, device="cuda", dtype=dt).requires_grad_()
+    w = (torch.randn(n, k, device="cuda") * 0.02).to(dt).requires_grad_()
+    g = (1.0 + 0.1 * torch.randn(k, device="cuda")).to(dt).requires_grad_()
+    dy = torch.randn(m, n, device="cuda", dtype=dt)
+
+    cases = {
+        "mmfree ternary_linear": (lambda: torch.ops.mmfree.ternary_linear(x, w, g, EPS).backward(dy), [x, w, g]),
+        "bf16 nn.Linear": (lambda: F.linear(x, w).backward(dy), [x, w]),
+        "paper BitLinear (eager)": (lambda: paper_bitlinear(x, w, g).backward(dy), [x, w, g]),
+    }
+    rows = []
+    print(f"\n## training step fwd+bwd, M={m} K={k} N={n}, bf16 (peak = memory above the inputs)")
+    print(f"{'layer':<26} {'us':>10} {'peak MiB':>10} {'vs nn.Linear':>13}")
+    results = {name: step_time_and_memory(fn, leaves) for name, (fn, leaves) in cases.items()}
+    base_us = results["bf16 nn.Linear"][0]
+    for name, (us, peak) in results.items():
+        print(f"{name:<26} {us:>10.1f} {peak:>10.1f} {base_us / us:>12.2f}x")
+        rows.append({"name": name, "us": us, "peak_mib": peak, "M": m, "K": k, "N": n})
+
+    # Stage breakdown of ours (each timed alone, L2 flushed).
+    with torch.no_grad():
+        packed, w_scale = torch.ops.mmfree.quantize_ternary(w)
+        x_q, x_scale = torch.ops.mmfree.rms_norm_quant(x, g, EPS)
+        dxn = torch.ops.mmfree.ternary_matmul_t(dy, packed, w_scale, k)
+        dxn16 = dxn.to(dt)
+        x_deq = (x_q * x_scale[:, None]).to(dt)
+        stages = {
+            "quantize_ternary(W)": lambda: torch.ops.mmfree.quantize_ternary(w),
+            "rms_norm_quant(x)": lambda: torch.ops.mmfree.rms_norm_quant(x, g, EPS),
+            "ternary_matmul (fwd GEMM)": lambda: torch.ops.mmfree.ternary_matmul(x_q, x_scale, packed, w_scale, dt),
+            "bf16 F.linear fwd (ref)": lambda: F.linear(x, w),
+            "ternary_matmul_t (dX)": lambda: torch.ops.mmfree.ternary_matmul_t(dy, packed, w_scale, k),
+            "bf16 dY @ W (ref)": lambda: dy @ w,
+            "rms_norm_backward": lambda: torch.ops.mmfree.rms_norm_backward(dxn16, x, g, EPS),
+            "x_deq = x_q * x_scale": lambda: torch.mul(x_q, x_scale[:, None], out=torch.empty_like(x)),
+            "dW = dY^T @ x_deq (cuBLAS)": lambda: dy.t() @ x_deq,
+        }
+        print(f"\n## stages of ours (M={m} K={k} N={n})")
+        for name, fn in stages.items():
+            us = statistics.median(time_cuda(fn, warmup=3, reps=15))
+            print(f"{name:<30} {us:>10.1f} us")
+            rows.append({"name": f"stage: {name}", "us": us, "M": m, "K": k, "N": n})
+    if args.json:
+        Path(args.json).write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+mmfree_add_benchmark(bench_ternary_t_cuda bench_ternary_t_cuda.cpp)
