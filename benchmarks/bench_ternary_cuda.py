@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -48,6 +49,17 @@ def make_case(m: int, n: int, k: int, device: str) -> Case:
     )
 
 
+def warm_up_gpu(seconds: float = 1.0) -> None:
+    """Runs dense matmuls for a while first: an idle H100 starts at low clocks, and the first
+    cases timed (the M = 1 GEMVs) measured 2-7x slow without this."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="only cuda is meaningful here")
@@ -57,6 +69,7 @@ def main() -> None:
     if not args.device.startswith("cuda") or not torch.cuda.is_available():
         raise SystemExit("bench_ternary_cuda needs a CUDA device (--device cuda)")
     torch.manual_seed(0)
+    warm_up_gpu()
     gemv_rows = [1] if args.quick else GEMV_ROWS
     gemm_rows = [512] if args.quick else GEMM_ROWS
 

@@ -56,6 +56,7 @@ class Row:
 
 
 _L2_FLUSH: dict[str, torch.Tensor] = {}
+_SLEEP_CYCLES = 200_000  # ~100 us at H100 clocks
 
 
 def _flush_l2(device: torch.device) -> None:
@@ -77,6 +78,10 @@ def time_cuda(fn: Callable[[], Any], *, warmup: int = 10, reps: int = 50, flush_
     for i in range(reps):
         if flush_l2:
             _flush_l2(device)
+        # Keep the GPU busy while the CPU launches fn: otherwise a kernel shorter than the
+        # Python + dispatcher launch path is timed with the launch gap in it (the M = 1
+        # GEMVs read 2-7x slow and erratic).
+        torch.cuda._sleep(_SLEEP_CYCLES)
         starts[i].record()
         fn()
         stops[i].record()

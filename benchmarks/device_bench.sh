@@ -23,6 +23,8 @@ run() {  # run <seconds> <name> <command...>
 }
 TAIL=40 run 170 model      python3 benchmarks/bench_model.py --device cuda --json "$LOG/model.json"
 TAIL=70 run 120 ternary_bin "$BIN/bench_ternary_cuda"
+TAIL=30 run 90  ternary_t_bin "$BIN/bench_ternary_t_cuda"
+TAIL=25 run 90  train_py    python3 benchmarks/bench_train_cuda.py --json "$LOG/train_cuda.json"
 TAIL=40 run 60  norm_bin    "$BIN/bench_norm" cuda
 TAIL=40 run 90  mlgru_bin   "$BIN/bench_mlgru"
 TAIL=30 run 90  ternary_py  python3 benchmarks/bench_ternary_cuda.py --device cuda --quick --json "$LOG/ternary_cuda.json"

@@ -191,3 +191,60 @@ def test_opcheck(m: int) -> None:
     x_q, _, packed = _inputs(m, 40, 200)
     args = (x_q, torch.rand(m, device="cuda"), packed, torch.ones((), device="cuda"), torch.bfloat16)
     torch.library.opcheck(torch.ops.mmfree.ternary_matmul, args)
+
+
+@pytest.mark.parametrize("m", [1, 300])
+def test_linear_packed_graph_capture_and_compile(m: int) -> None:
+    """The issue's acceptance case: ternary_linear_packed (RMSNorm + quant + product) captured
+    in a CUDA graph and compiled with fullgraph=True, forward and (compiled) backward."""
+    k, n = 640, 384
+    w_q = torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda")
+    packed, w_scale = ref.pack_ternary(w_q), torch.full((), 0.05, device="cuda")
+    g = 1.0 + 0.1 * torch.randn(k, device="cuda")
+    static_x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mmfree.ternary_linear_packed(x, packed, w_scale, g, 1e-6)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        f(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = f(static_x)
+    new_x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, f(new_x))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    x1 = new_x.clone().requires_grad_()
+    x2 = new_x.clone().requires_grad_()
+    y1, y2 = compiled(x1), f(x2)
+    assert torch.equal(y1, y2)
+    dy = torch.randn_like(y1)
+    y1.backward(dy)
+    y2.backward(dy)
+    assert torch.equal(x1.grad, x2.grad)
+
+
+def test_grouped_gemv_graph_capture() -> None:
+    """The decode path's grouped i/f/g launch replays from a CUDA graph."""
+    k, n = 2560, 2560
+    x_q = torch.randint(-128, 128, (3, 1, k), dtype=torch.int8, device="cuda")
+    x_scale = torch.rand(3, 1, device="cuda") + 0.01
+    packed = [ref.pack_ternary(torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda")) for _ in range(3)]
+    w_scale = [torch.rand((), device="cuda") + 0.01 for _ in range(3)]
+    graph = torch.cuda.CUDAGraph()
+    torch.ops.mmfree.ternary_matmul_grouped(x_q, x_scale, packed, w_scale, torch.bfloat16)
+    with torch.cuda.graph(graph):
+        out = torch.ops.mmfree.ternary_matmul_grouped(x_q, x_scale, packed, w_scale, torch.bfloat16)
+    x_q.copy_(torch.randint(-128, 128, (3, 1, k), dtype=torch.int8, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for i in range(3):
+        assert torch.equal(out[i], _op(x_q[i], x_scale[i], packed[i], w_scale[i], torch.bfloat16))
