@@ -107,7 +107,7 @@ int check_all(bool small) {
   std::vector<Shape> shapes = {{1, 1, 1}, {1, 5, 3}, {7, 300, 100}, {15, 64, 128}, {17, 67, 130}, {130, 200, 300}};
   if (!small) {
     for (Shape s : {Shape{300, 2560, 2560}, Shape{129, 6912, 2560}, Shape{256, 13824, 2560}, Shape{64, 2560, 6912},
-                    Shape{200, 37, 6913}, Shape{33, 2560, 20000}})
+                    Shape{200, 37, 6913}, Shape{33, 2560, 20000}, Shape{2048, 320, 2560}})
       shapes.push_back(s);
   }
   const int modes[] = {1, 2, 3};  // bf16 terms per grad value

@@ -170,8 +170,10 @@ at::Tensor ternary_matmul_grouped_impl(const at::Tensor& x_q, const at::Tensor& 
 // column panel (<= 16 MiB) at a time into the grad's dtype (bf16, fp16 or fp32; exact) and
 // multiplied by cuBLAS with fp32 output: the precision of a dense product in that dtype,
 // at cuBLAS speed (wgmma on sm_90). "mma": the torch-free mma.sync kernel that decodes the
-// codes in shared memory (gemm_t.cu), bf16 grads only; measured 2.4x slower than the panels
-// on the H100 (1776 us at M = 8192, N = 13824, K = 2560), see benchmarks/NOTES.md.
+// codes in shared memory (gemm_t.cu), bf16 grads only (and GPUs with >= 106 KB of shared
+// memory per block); measured 2.1x slower than the panels on the H100 (1776 us at
+// M = 8192, N = 13824, K = 2560), see benchmarks/NOTES.md. An fp32 grad's panel product
+// follows torch's TF32 setting, as nn.Linear does (exact fp32 unless TF32 is allowed).
 bool use_mma_kernel(const at::Tensor& grad) {
   const char* v = std::getenv("MMFREE_TERNARY_T_CUDA");
   const std::string impl = v == nullptr ? "" : v;
@@ -222,8 +224,11 @@ at::Tensor ternary_matmul_t_cuda(const at::Tensor& grad, at::Tensor packed, cons
     if (reinterpret_cast<uintptr_t>(g.data_ptr()) % 16 != 0) g = g.clone();
     TernaryMatmulTCudaParams p{g.data_ptr(), DType::kBFloat16, 1, packed.data_ptr<uint8_t>(),
                                w_scale.data_ptr<float>(), out.data_ptr<float>(), m, n, in_features};
-    MMFREE_CUDA_CHECK(cuda::ternary_matmul_t(p, current_stream(grad)));
-    return out.to(out_dtype);
+    const cudaError_t err = cuda::ternary_matmul_t(p, current_stream(grad));
+    if (err != cudaErrorNotSupported) {  // not enough shared memory on this GPU: use the panels
+      MMFREE_CUDA_CHECK(err);
+      return out.to(out_dtype);
+    }
   }
   const at::Tensor g = (grad.scalar_type() == at::kDouble ? grad.to(at::kFloat) : grad).reshape({m, n}).contiguous();
   at::Tensor out2 = out.view({m, in_features});

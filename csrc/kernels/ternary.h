@@ -78,7 +78,8 @@ cudaError_t ternary_matmul(const TernaryMatmulParams& p, cudaStream_t stream);
 // and out_dtype, at most 4) share one GEMV launch, others run one after another.
 cudaError_t ternary_matmul_grouped(const TernaryMatmulParams* ps, int groups, cudaStream_t stream);
 // cudaErrorInvalidValue for a grad_dtype other than bf16, splits outside 1..3, or a
-// misaligned `packed`.
+// misaligned `packed`; cudaErrorNotSupported where a block cannot have the shared memory
+// the kernel needs (106 KB for one term: sm_80 and sm_90 can, sm_86/sm_89 cannot).
 cudaError_t ternary_matmul_t(const TernaryMatmulTCudaParams& p, cudaStream_t stream);
 // cudaErrorInvalidValue for a block range outside the row or a misaligned `packed`.
 cudaError_t ternary_decode_panel(const TernaryDecodePanelParams& p, cudaStream_t stream);

@@ -65,10 +65,11 @@ __global__ void finish_scale(const double* __restrict__ partial, int nparts, int
   }
 }
 
+// clamp(round_half_away(v * inv), -1, 1) + 1 as comparisons against the ties, as on the
+// CPU: a NaN weight compares false both ways and gets the zero code there and here.
 __device__ __forceinline__ uint32_t ternary_code(float v, float inv) {
-  const float q = roundf(v * inv);
-  const int c = q > 0.f ? static_cast<int>(fminf(q, 1.f)) : static_cast<int>(fmaxf(q, -1.f));  // NaN -> 0
-  return static_cast<uint32_t>(c + 1);
+  const float q = v * inv;
+  return static_cast<uint32_t>(1 + (q >= 0.5f) - (q <= -0.5f));
 }
 
 // One thread per packed byte: byte b of block blk holds k = blk*128 + j*32 + b, so
@@ -155,7 +156,7 @@ void quantize_typed(const TernaryQuantizeParams& p, cudaStream_t stream) {
   finish_scale<<<1, kSumThreads, 0, stream>>>(p.workspace, kSumBlocks, n, p.scale);
   if (bytes == 0) return;
   if constexpr (sizeof(T) <= 4) {
-    if (vec && p.in_features % ternary::kBlockWeights == 0) {
+    if (vec && p.in_features % ternary::kBlockWeights == 0 && reinterpret_cast<uintptr_t>(p.packed) % 4 == 0) {
       const int64_t words = bytes / 4;
       pack_codes_vec<T><<<ceil_div(words, 256), 256, 0, stream>>>(w, words, p.scale,
                                                                    reinterpret_cast<uint32_t*>(p.packed));

@@ -55,7 +55,7 @@ struct Cfg {
   static constexpr int kStages = (S * kATileBytes <= 32 * 1024) ? 4 : 3;
   static constexpr int kSmemBytes = kStages * kStageBytes + 2 * kDTileBytes;
   static constexpr int kMinBlocks = (2 * kSmemBytes <= 220 * 1024 && kNTiles == 4) ? 2 : 1;
-  static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory");  // sm_90; others are checked at launch
 };
 
 __device__ __forceinline__ uint32_t minus_bias(uint32_t v) {  // v - 129 in each bf16 half
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<BM, S>::kMinBlocks)
   const float ws = *p.w_scale;
   const int g = lane >> 2;
   const int t = lane & 3;
-  const bool pair_ok = (p.K % 2) == 0;
+  const bool pair_ok = (p.K % 2) == 0 && reinterpret_cast<uintptr_t>(p.out) % 8 == 0;
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -304,14 +304,16 @@ cudaError_t launch(const TernaryMatmulTCudaParams& p, cudaStream_t stream) {
 }
 
 template <int S>
-cudaError_t launch_splits(const TernaryMatmulTCudaParams& p, int sms, cudaStream_t stream) {
+cudaError_t launch_splits(const TernaryMatmulTCudaParams& p, int sms, int smem_optin, cudaStream_t stream) {
   const bool vec = reinterpret_cast<uintptr_t>(p.grad) % 16 == 0 && p.N % 8 == 0;
   // 256-row tiles (64 x 64 per warp) once they fill every SM; their A stages fit only for
-  // one grad term.
+  // one grad term, and only where a block may have 170 KB of shared memory (sm_90).
   if constexpr (S == 1) {
-    if (static_cast<int64_t>(ceil_div(p.K, kBC)) * ceil_div(p.M, 256) >= sms)
+    if (Cfg<256, S>::kSmemBytes <= smem_optin &&
+        static_cast<int64_t>(ceil_div(p.K, kBC)) * ceil_div(p.M, 256) >= sms)
       return vec ? launch<256, S, true>(p, stream) : launch<256, S, false>(p, stream);
   }
+  if (Cfg<128, S>::kSmemBytes > smem_optin) return cudaErrorNotSupported;  // e.g. sm_86/89 (99 KB)
   return vec ? launch<128, S, true>(p, stream) : launch<128, S, false>(p, stream);
 }
 
@@ -323,13 +325,14 @@ cudaError_t ternary_matmul_t(const TernaryMatmulTCudaParams& p, cudaStream_t str
   if (reinterpret_cast<uintptr_t>(p.packed) % 16 != 0) return cudaErrorInvalidValue;
   if (p.M == 0 || p.K == 0) return cudaSuccess;
   if (p.N == 0) return cudaMemsetAsync(p.out, 0, static_cast<size_t>(p.M * p.K) * sizeof(float), stream);
-  int dev = 0, sms = 0;
+  int dev = 0, sms = 0, smem_optin = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return err;
-  if (p.splits == 1) return launch_splits<1>(p, sms, stream);
-  if (p.splits == 2) return launch_splits<2>(p, sms, stream);
-  return launch_splits<3>(p, sms, stream);
+  if (p.splits == 1) return launch_splits<1>(p, sms, smem_optin, stream);
+  if (p.splits == 2) return launch_splits<2>(p, sms, smem_optin, stream);
+  return launch_splits<3>(p, sms, smem_optin, stream);
 }
 
 }  // namespace cuda
