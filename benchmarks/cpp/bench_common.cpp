@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <random>
 
+#include "common/ternary_format.h"
 #include "cpu/parallel.h"
 
 #if defined(MMFREE_BENCH_OPENMP)
@@ -116,6 +117,19 @@ void report(const Result& r) {
               gbs, gflops);
   std::printf("JSON {\"name\":\"%s\",\"shape\":\"%s\",\"median_us\":%.3f,\"min_us\":%.3f,\"bytes\":%.0f,\"flops\":%.0f}\n",
               r.name.c_str(), r.shape.c_str(), r.median_us, r.min_us, r.bytes, r.flops);
+}
+
+std::vector<uint8_t> pack_ternary_host(const std::vector<int8_t>& w, int64_t n, int64_t k) {
+  const int64_t rb = ternary::row_bytes(k);
+  std::vector<uint8_t> p(static_cast<size_t>(n * rb), ternary::kZeroByte);
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t i = 0; i < k; ++i) {
+      uint8_t& b = p[r * rb + ternary::byte_of(i)];
+      const int s = ternary::shift_of(i);
+      b = static_cast<uint8_t>((b & ~(3 << s)) | (ternary::encode(w[r * k + i]) << s));
+    }
+  }
+  return p;
 }
 
 void fill_uniform(std::vector<float>& v, uint64_t seed, float lo, float hi) {

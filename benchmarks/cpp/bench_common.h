@@ -50,6 +50,9 @@ T* device_alloc(size_t n) {
 // Prints "name shape median_us GB/s GFLOP/s" and a JSON line.
 void report(const Result& r);
 
+// Ternary weights w [n, k] in {-1, 0, 1} packed in the canonical format (common/ternary_format.h).
+std::vector<uint8_t> pack_ternary_host(const std::vector<int8_t>& w, int64_t n, int64_t k);
+
 // Deterministic pseudo-random fill.
 void fill_uniform(std::vector<float>& v, uint64_t seed, float lo, float hi);
 

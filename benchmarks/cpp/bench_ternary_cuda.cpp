@@ -40,19 +40,6 @@ struct Problem {
   std::vector<int64_t> acc;     // [M, N] reference
 };
 
-std::vector<uint8_t> pack_host(const std::vector<int8_t>& w, int64_t n, int64_t k) {
-  const int64_t rb = ternary::row_bytes(k);
-  std::vector<uint8_t> p(static_cast<size_t>(n * rb), ternary::kZeroByte);
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t i = 0; i < k; ++i) {
-      uint8_t& b = p[r * rb + ternary::byte_of(i)];
-      const int s = ternary::shift_of(i);
-      b = static_cast<uint8_t>((b & ~(3 << s)) | (ternary::encode(w[r * k + i]) << s));
-    }
-  }
-  return p;
-}
-
 // layout: 0 contiguous, 1 padded aligned stride, 2 odd stride + misaligned pointer.
 Problem make_problem(int64_t M, int64_t N, int64_t K, int layout, uint64_t seed) {
   Problem pr;
@@ -66,7 +53,7 @@ Problem make_problem(int64_t M, int64_t N, int64_t K, int layout, uint64_t seed)
     for (int64_t k = 0; k < pr.stride; ++k) pr.x[m * pr.stride + k] = static_cast<int8_t>(dx(rng));  // padding too
   pr.w.resize(static_cast<size_t>(N * K));
   for (auto& v : pr.w) v = static_cast<int8_t>(dw(rng));
-  pr.packed = pack_host(pr.w, N, K);
+  pr.packed = bench::pack_ternary_host(pr.w, N, K);
   pr.acc.assign(static_cast<size_t>(M * N), 0);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t n = 0; n < N; ++n) {

@@ -27,19 +27,6 @@ using namespace mmfree;
 #if defined(MMFREE_WITH_CUDA)
 namespace {
 
-std::vector<uint8_t> pack_host(const std::vector<int8_t>& w, int64_t n, int64_t k) {
-  const int64_t rb = ternary::row_bytes(k);
-  std::vector<uint8_t> p(static_cast<size_t>(n * rb), ternary::kZeroByte);
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t i = 0; i < k; ++i) {
-      uint8_t& b = p[r * rb + ternary::byte_of(i)];
-      const int s = ternary::shift_of(i);
-      b = static_cast<uint8_t>((b & ~(3 << s)) | (ternary::encode(w[r * k + i]) << s));
-    }
-  }
-  return p;
-}
-
 // The grad as the kernel reads it: bf16 terms summing to g exactly, [splits, M, N].
 std::vector<uint16_t> grad_terms(const std::vector<int32_t>& g, int splits) {
   std::vector<uint16_t> out(g.size() * splits);
@@ -63,7 +50,7 @@ int64_t check_one(int64_t M, int64_t N, int64_t K, int splits, uint64_t seed) {
   for (auto& v : g) v = dg(rng);
   std::vector<int8_t> w(static_cast<size_t>(N * K));
   for (auto& v : w) v = static_cast<int8_t>(dw(rng));
-  const std::vector<uint8_t> packed = pack_host(w, N, K);
+  const std::vector<uint8_t> packed = bench::pack_ternary_host(w, N, K);
   const std::vector<uint16_t> terms = grad_terms(g, splits);
 
   uint16_t* d_g = bench::device_alloc<uint16_t>(std::max<size_t>(terms.size(), 1));

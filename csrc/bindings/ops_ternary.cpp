@@ -53,6 +53,15 @@ void check_w_scale(const at::Tensor& w_scale, const at::Tensor& ref, const char*
   check_same_device(w_scale, "w_scale", ref, ref_name);
 }
 
+// x_scale: fp32, contiguous, one element per row of x_q (its leading dims).
+void check_x_scale(const at::Tensor& x_scale, const at::Tensor& x_q) {
+  check_dtype(x_scale, "x_scale", at::kFloat);
+  check_contiguous(x_scale, "x_scale");
+  check_same_device(x_scale, "x_scale", x_q, "x_q");
+  TORCH_CHECK(x_scale.sizes() == x_q.sizes().slice(0, x_q.dim() - 1), "mmfree: argument 'x_scale' must have shape ",
+              x_q.sizes().slice(0, x_q.dim() - 1), " (x_q's leading dims), got ", x_scale.sizes());
+}
+
 void check_norm_weight(const at::Tensor& norm_weight, int64_t k, const at::Tensor& x) {
   check_float(norm_weight, "norm_weight");
   check_dim(norm_weight, "norm_weight", 1);
@@ -82,11 +91,7 @@ at::Tensor ternary_matmul_impl(const at::Tensor& x_q, const at::Tensor& x_scale,
   check_contiguous(x_q, "x_q");
   const int64_t k = x_q.size(-1);
   TORCH_CHECK(k >= 1, "mmfree: argument 'x_q' must have K >= 1 (last dim), got shape ", x_q.sizes());
-  check_dtype(x_scale, "x_scale", at::kFloat);
-  check_contiguous(x_scale, "x_scale");
-  check_same_device(x_scale, "x_scale", x_q, "x_q");
-  TORCH_CHECK(x_scale.sizes() == x_q.sizes().slice(0, x_q.dim() - 1), "mmfree: argument 'x_scale' must have shape ",
-              x_q.sizes().slice(0, x_q.dim() - 1), " (x_q's leading dims), got ", x_scale.sizes());
+  check_x_scale(x_scale, x_q);
   check_packed_for(packed, k, x_q, "x_q");
   check_w_scale(w_scale, x_q, "x_q");
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
@@ -127,11 +132,7 @@ at::Tensor ternary_matmul_grouped_impl(const at::Tensor& x_q, const at::Tensor& 
               ", got ", packed.size(), " packed and ", w_scale.size(), " w_scale tensors");
   const int64_t k = x_q.size(-1);
   TORCH_CHECK(k >= 1, "mmfree: argument 'x_q' must have K >= 1 (last dim), got shape ", x_q.sizes());
-  check_dtype(x_scale, "x_scale", at::kFloat);
-  check_contiguous(x_scale, "x_scale");
-  check_same_device(x_scale, "x_scale", x_q, "x_q");
-  TORCH_CHECK(x_scale.sizes() == x_q.sizes().slice(0, x_q.dim() - 1), "mmfree: argument 'x_scale' must have shape ",
-              x_q.sizes().slice(0, x_q.dim() - 1), " (x_q's leading dims), got ", x_scale.sizes());
+  check_x_scale(x_scale, x_q);
   const int64_t n = packed[0].dim() == 2 ? packed[0].size(0) : -1;
   for (int64_t g = 0; g < groups; ++g) {
     check_packed_for(packed[g], k, x_q, "x_q");
