@@ -22,6 +22,7 @@
 #include "common/ternary_format.h"
 #include "cuda/ternary/epilogue.cuh"
 #include "cuda/ternary/launch.h"
+#include "cuda/smem_optin.h"
 #include "cuda/ternary/ptx.cuh"
 
 namespace mmfree {
@@ -255,18 +256,9 @@ template <int BM, bool kVecA, class OutT>
 cudaError_t launch_tile(const TernaryMatmulParams& p, cudaStream_t stream) {
   constexpr int smem = Tile<BM>::kSmemBytes;
   auto kernel = gemm_kernel<BM, kVecA, OutT>;
-  // Raise the dynamic shared-memory limit once per device (not on every launch, and so
-  // not inside a CUDA graph capture after the first call).
   static std::atomic<uint64_t> raised{0};
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  cudaError_t err = raise_smem_once(kernel, smem, raised);
   if (err != cudaSuccess) return err;
-  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
-  if (bit == 0 || (raised.load(std::memory_order_relaxed) & bit) == 0) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-    raised.fetch_or(bit, std::memory_order_relaxed);
-  }
   // grid.y is limited to 65535 tiles: very tall inputs go in several launches.
   constexpr int64_t kMaxRows = int64_t{65535} * BM;
   const int64_t esize = dtype_size(p.out_dtype);

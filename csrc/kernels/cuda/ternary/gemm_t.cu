@@ -28,6 +28,7 @@
 
 #include "common/ternary_format.h"
 #include "cuda/common.cuh"
+#include "cuda/smem_optin.h"
 #include "cuda/ternary/ptx.cuh"
 #include "ternary.h"
 
@@ -255,17 +256,9 @@ template <int BM, int S, bool kVec>
 cudaError_t launch(const TernaryMatmulTCudaParams& p, cudaStream_t stream) {
   constexpr int smem = Cfg<BM, S>::kSmemBytes;
   auto kernel = gemm_t_kernel<BM, S, kVec>;
-  // Raise the dynamic shared-memory limit once per device (not inside later graph captures).
   static std::atomic<uint64_t> raised{0};
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  cudaError_t err = raise_smem_once(kernel, smem, raised);
   if (err != cudaSuccess) return err;
-  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
-  if (bit == 0 || (raised.load(std::memory_order_relaxed) & bit) == 0) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-    raised.fetch_or(bit, std::memory_order_relaxed);
-  }
   // grid.y holds at most 65535 row tiles: taller inputs go in several launches.
   constexpr int64_t kMaxRows = int64_t{65535} * BM;
   const int64_t term_stride = p.M * p.N;  // elements between the split terms of the grad
