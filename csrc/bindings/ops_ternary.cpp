@@ -418,26 +418,19 @@ TORCH_LIBRARY_FRAGMENT(mmfree, m) {
       "float eps) -> (Tensor grad_x, Tensor grad_norm_weight)");
 }
 
-TORCH_LIBRARY_IMPL(mmfree, CPU, m) {
-  m.impl("ternary_matmul", &ternary_matmul_impl);
-  m.impl("ternary_matmul_grouped", &ternary_matmul_grouped_impl);
-  m.impl("ternary_matmul_t", &ternary_matmul_t_impl);
-  m.impl("ternary_linear", &ternary_linear_impl);
-  m.impl("ternary_linear_backward", &ternary_linear_backward_impl);
-  m.impl("ternary_linear_packed", &ternary_linear_packed_impl);
+#define MMFREE_TERNARY_IMPLS(m)                                                       \
+  m.impl("ternary_matmul", &ternary_matmul_impl);                                    \
+  m.impl("ternary_matmul_grouped", &ternary_matmul_grouped_impl);                    \
+  m.impl("ternary_matmul_t", &ternary_matmul_t_impl);                                \
+  m.impl("ternary_linear", &ternary_linear_impl);                                    \
+  m.impl("ternary_linear_backward", &ternary_linear_backward_impl);                  \
+  m.impl("ternary_linear_packed", &ternary_linear_packed_impl);                      \
   m.impl("ternary_linear_packed_backward", &ternary_linear_packed_backward_impl);
-}
+
+TORCH_LIBRARY_IMPL(mmfree, CPU, m) { MMFREE_TERNARY_IMPLS(m) }
 
 #if defined(MMFREE_WITH_CUDA)
-TORCH_LIBRARY_IMPL(mmfree, CUDA, m) {
-  m.impl("ternary_matmul", &ternary_matmul_impl);
-  m.impl("ternary_matmul_grouped", &ternary_matmul_grouped_impl);
-  m.impl("ternary_matmul_t", &ternary_matmul_t_impl);
-  m.impl("ternary_linear", &ternary_linear_impl);
-  m.impl("ternary_linear_backward", &ternary_linear_backward_impl);
-  m.impl("ternary_linear_packed", &ternary_linear_packed_impl);
-  m.impl("ternary_linear_packed_backward", &ternary_linear_packed_backward_impl);
-}
+TORCH_LIBRARY_IMPL(mmfree, CUDA, m) { MMFREE_TERNARY_IMPLS(m) }
 #endif
 
 }  // namespace binding

@@ -26,7 +26,27 @@ const float* weights_f32(const void* w, DType t, int64_t n, std::vector<float>& 
   return buf.data();
 }
 
-Isa isa() { return active_isa(); }
+// The row kernel for the active ISA among the builds that exist (nullptr: not compiled),
+// scalar otherwise.
+#if defined(MMFREE_HAVE_AVX512_KERNELS)
+#define MMFREE_NORM_AVX512(f) &norm_rows::f
+#else
+#define MMFREE_NORM_AVX512(f) nullptr
+#endif
+#if defined(MMFREE_HAVE_AVX2_KERNELS)
+#define MMFREE_NORM_AVX2(f) &norm_rows::f
+#else
+#define MMFREE_NORM_AVX2(f) nullptr
+#endif
+
+template <class Fn>
+Fn pick(Fn scalar, Fn avx2, Fn avx512) {
+  const Isa path = active_isa();
+  if (path == Isa::kAvx512 && avx512 != nullptr) return avx512;
+  if (path == Isa::kAvx2 && avx2 != nullptr) return avx2;
+  return scalar;
+}
+#define MMFREE_NORM_PICK(name) pick(&norm_rows::name##_scalar, MMFREE_NORM_AVX2(name##_avx2), MMFREE_NORM_AVX512(name##_avx512))
 
 }  // namespace
 
@@ -34,18 +54,8 @@ void rms_norm_quant(const RmsNormQuantParams& p) {
   if (p.rows == 0 || p.k == 0) return;
   std::vector<float> wbuf;
   const float* w32 = weights_f32(p.weights, p.w_dtype, p.num_weights * p.k, wbuf);
-  const Isa path = isa();
-  parallel_for(0, p.rows, row_grain(p.k), [&](int64_t r0, int64_t r1) {
-    switch (path) {
-#if defined(MMFREE_HAVE_AVX512_KERNELS)
-      case Isa::kAvx512: norm_rows::quant_avx512(p, w32, r0, r1); break;
-#endif
-#if defined(MMFREE_HAVE_AVX2_KERNELS)
-      case Isa::kAvx2: norm_rows::quant_avx2(p, w32, r0, r1); break;
-#endif
-      default: norm_rows::quant_scalar(p, w32, r0, r1); break;
-    }
-  });
+  const auto rows = MMFREE_NORM_PICK(quant);
+  parallel_for(0, p.rows, row_grain(p.k), [&](int64_t r0, int64_t r1) { rows(p, w32, r0, r1); });
 }
 
 void rms_norm(const RmsNormParams& p) {
@@ -56,18 +66,8 @@ void rms_norm(const RmsNormParams& p) {
   }
   std::vector<float> wbuf;
   const float* w32 = weights_f32(p.weight, p.w_dtype, p.k, wbuf);
-  const Isa path = isa();
-  parallel_for(0, p.rows, row_grain(p.k), [&](int64_t r0, int64_t r1) {
-    switch (path) {
-#if defined(MMFREE_HAVE_AVX512_KERNELS)
-      case Isa::kAvx512: norm_rows::rms_norm_avx512(p, w32, r0, r1); break;
-#endif
-#if defined(MMFREE_HAVE_AVX2_KERNELS)
-      case Isa::kAvx2: norm_rows::rms_norm_avx2(p, w32, r0, r1); break;
-#endif
-      default: norm_rows::rms_norm_scalar(p, w32, r0, r1); break;
-    }
-  });
+  const auto rows = MMFREE_NORM_PICK(rms_norm);
+  parallel_for(0, p.rows, row_grain(p.k), [&](int64_t r0, int64_t r1) { rows(p, w32, r0, r1); });
 }
 
 void rms_norm_swish_gate(const RmsNormSwishGateParams& p) {
@@ -78,18 +78,8 @@ void rms_norm_swish_gate(const RmsNormSwishGateParams& p) {
   }
   std::vector<float> wbuf;
   const float* w32 = weights_f32(p.weight, p.w_dtype, p.k, wbuf);
-  const Isa path = isa();
-  parallel_for(0, p.rows, row_grain(p.k), [&](int64_t r0, int64_t r1) {
-    switch (path) {
-#if defined(MMFREE_HAVE_AVX512_KERNELS)
-      case Isa::kAvx512: norm_rows::swish_gate_avx512(p, w32, r0, r1); break;
-#endif
-#if defined(MMFREE_HAVE_AVX2_KERNELS)
-      case Isa::kAvx2: norm_rows::swish_gate_avx2(p, w32, r0, r1); break;
-#endif
-      default: norm_rows::swish_gate_scalar(p, w32, r0, r1); break;
-    }
-  });
+  const auto rows = MMFREE_NORM_PICK(swish_gate);
+  parallel_for(0, p.rows, row_grain(p.k), [&](int64_t r0, int64_t r1) { rows(p, w32, r0, r1); });
 }
 
 void rms_norm_swish_gate_quant(const RmsNormSwishGateParams& p) {
@@ -97,18 +87,10 @@ void rms_norm_swish_gate_quant(const RmsNormSwishGateParams& p) {
   std::vector<float> wbuf, nwbuf;
   const float* w32 = weights_f32(p.weight, p.w_dtype, p.k, wbuf);
   const float* nw32 = weights_f32(p.norm_weight, p.norm_w_dtype, p.k, nwbuf);
-  const Isa path = isa();
+  const auto rows = MMFREE_NORM_PICK(swish_gate_quant);
   parallel_for(0, p.rows, row_grain(p.k), [&](int64_t r0, int64_t r1) {
     std::vector<float> scratch(static_cast<size_t>(p.k));
-    switch (path) {
-#if defined(MMFREE_HAVE_AVX512_KERNELS)
-      case Isa::kAvx512: norm_rows::swish_gate_quant_avx512(p, w32, nw32, scratch.data(), r0, r1); break;
-#endif
-#if defined(MMFREE_HAVE_AVX2_KERNELS)
-      case Isa::kAvx2: norm_rows::swish_gate_quant_avx2(p, w32, nw32, scratch.data(), r0, r1); break;
-#endif
-      default: norm_rows::swish_gate_quant_scalar(p, w32, nw32, scratch.data(), r0, r1); break;
-    }
+    rows(p, w32, nw32, scratch.data(), r0, r1);
   });
 }
 

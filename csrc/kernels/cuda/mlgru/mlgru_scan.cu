@@ -221,6 +221,51 @@ __device__ __forceinline__ void gate_token(const float (&xi)[V], const float (&x
   }
 }
 
+// Backward of one token for V channels, walking time in reverse: from dL/dh_t (gh) and the
+// flow e from h_{t+1}, writes dL/di and dL/df, adds into dL/dlb, and leaves in e the flow
+// into h_{t-1}. hp = h_{t-1}, ft = f_t (1 past the range end, where nothing is added).
+template <bool kFast, int V>
+__device__ __forceinline__ void token_backward(const float (&xi)[V], const float (&xf)[V], const float (&gh)[V],
+                                               const float (&hp)[V], const float (&ft)[V], const float (&omlb)[V],
+                                               bool valid, bool in_range, float (&e)[V], float (&dlb)[V],
+                                               float (&di)[V], float (&df)[V]) {
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    float sg, omsg, si, omsi;
+    sigmoid2<kFast>(xf[k], sg, omsg);
+    sigmoid2<kFast>(xi[k], si, omsi);
+    const float delta = gh[k] + e[k];
+    const float silu = valid ? xi[k] * si : 0.0f;
+    const float dsilu = si * (1.0f + xi[k] * omsi);
+    di[k] = valid ? delta * (omlb[k] * omsg) * dsilu : 0.0f;
+    const float dft = delta * (hp[k] - silu);
+    df[k] = dft * omlb[k] * (sg * omsg);
+    dlb[k] += in_range ? dft * omsg : 0.0f;
+    e[k] = ft[k] * delta;
+  }
+}
+
+// End of a backward block: dL/dh0 = the flow out of the first token (time-lane 0 writes
+// it); dL/dlb of this sequence's channels reduced over the time-lanes in lane order.
+template <int V>
+__device__ __forceinline__ void finish_backward(const Layout& L, float* smem, bool active, const float (&e_carry)[V],
+                                                const float (&dlb)[V], float* dh0, float* dlb_part) {
+  if (active && L.ty == 0) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) dh0[k] = e_carry[k];
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) smem[(L.ty * L.W + L.tx) * V + k] = dlb[k];
+  __syncthreads();
+  if (active && L.ty == 0) {
+    for (int k = 0; k < V; ++k) {
+      float sum = 0.0f;
+      for (int y = 0; y < L.K; ++y) sum += smem[(y * L.W + L.tx) * V + k];
+      dlb_part[k] = sum;
+    }
+  }
+}
+
 struct KernelArgs {
   int W, K, blocks_per_seq;
   float* checkpoints;  // forward in checkpoint mode / backward
@@ -492,42 +537,15 @@ __global__ void __launch_bounds__(kThreads) mlgru_bwd_kernel(const MlgruScanBwdP
 #pragma unroll
     for (int u = U - 1; u >= 0; --u) {
       float di[V], df[V];
-#pragma unroll
-      for (int k = 0; k < V; ++k) {
-        float sg, omsg, si, omsi;
-        sigmoid2<kFast>(xf[u][k], sg, omsg);
-        sigmoid2<kFast>(xi[u][k], si, omsi);
-        const float delta = gh[u][k] + e[k];
-        const float silu = valid[u] ? xi[u][k] * si : 0.0f;
-        const float dsilu = si * (1.0f + xi[u][k] * omsi);
-        di[k] = valid[u] ? delta * (omlb[k] * omsg) * dsilu : 0.0f;
-        const float dft = delta * (hp[u][k] - silu);
-        df[k] = dft * omlb[k] * (sg * omsg);
-        dlb[k] += (tb + u < r.end) ? dft * omsg : 0.0f;
-        e[k] = ft[u][k] * delta;
-      }
+      token_backward<kFast, V>(xi[u], xf[u], gh[u], hp[u], ft[u], omlb, valid[u], tb + u < r.end, e, dlb, di, df);
       if (active && tb + u < r.end) {
         store_pack<T, V>(p.grad_i, (tb + u) * dim + d0, di);
         store_pack<T, V>(p.grad_f, (tb + u) * dim + d0, df);
       }
     }
   }
-  // dL/dh0 = the flow out of the first token; dL/dlb reduced over the time-lanes in order.
-  if (active && L.ty == 0) {
-    float* dh0 = static_cast<float*>(p.grad_h0) + s * dim + d0;
-#pragma unroll
-    for (int k = 0; k < V; ++k) dh0[k] = e_carry[k];
-  }
-#pragma unroll
-  for (int k = 0; k < V; ++k) smem[(L.ty * L.W + L.tx) * V + k] = dlb[k];
-  __syncthreads();
-  if (active && L.ty == 0) {
-    for (int k = 0; k < V; ++k) {
-      float sum = 0.0f;
-      for (int y = 0; y < L.K; ++y) sum += smem[(y * L.W + L.tx) * V + k];
-      a.dlb_part[s * dim + d0 + k] = sum;
-    }
-  }
+  finish_backward<V>(L, smem, active, e_carry, dlb, static_cast<float*>(p.grad_h0) + s * dim + d0,
+                     a.dlb_part + s * dim + d0);
 }
 
 // Raw 16-byte vectors of one [N, D] tensor for a thread's U tokens from tb (zeros out of range).
@@ -636,42 +654,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) mlgru_bwd_v2_kernel(cons
 #pragma unroll
     for (int u = U - 1; u >= 0; --u) {
       float di[V], df[V];
-#pragma unroll
-      for (int k = 0; k < V; ++k) {
-        float sg, omsg, si, omsi;
-        sigmoid2<kFast>(xf[u][k], sg, omsg);
-        sigmoid2<kFast>(xi[u][k], si, omsi);
-        const float delta = gh[u][k] + e[k];
-        const float silu = valid[u] ? xi[u][k] * si : 0.0f;
-        const float dsilu = si * (1.0f + xi[u][k] * omsi);
-        di[k] = valid[u] ? delta * (omlb[k] * omsg) * dsilu : 0.0f;
-        const float dft = delta * (hp[u][k] - silu);
-        df[k] = dft * omlb[k] * (sg * omsg);
-        dlb[k] += (tb + u < r.end) ? dft * omsg : 0.0f;
-        e[k] = ft[u][k] * delta;
-      }
+      token_backward<kFast, V>(xi[u], xf[u], gh[u], hp[u], ft[u], omlb, valid[u], tb + u < r.end, e, dlb, di, df);
       if (active && tb + u < r.end) {
         store_stream<T, V>(p.grad_i, (tb + u) * dim + d0, di);
         store_stream<T, V>(p.grad_f, (tb + u) * dim + d0, df);
       }
     }
   }
-  // dL/dh0 = the flow out of the first token; dL/dlb reduced over the time-lanes in order.
-  if (active && L.ty == 0) {
-    float* dh0 = static_cast<float*>(p.grad_h0) + s * dim + d0;
-#pragma unroll
-    for (int k = 0; k < V; ++k) dh0[k] = e_carry[k];
-  }
-#pragma unroll
-  for (int k = 0; k < V; ++k) smem[(L.ty * L.W + L.tx) * V + k] = dlb[k];
-  __syncthreads();
-  if (active && L.ty == 0) {
-    for (int k = 0; k < V; ++k) {
-      float sum = 0.0f;
-      for (int y = 0; y < L.K; ++y) sum += smem[(y * L.W + L.tx) * V + k];
-      a.dlb_part[s * dim + d0 + k] = sum;
-    }
-  }
+  finish_backward<V>(L, smem, active, e_carry, dlb, static_cast<float*>(p.grad_h0) + s * dim + d0,
+                     a.dlb_part + s * dim + d0);
 }
 
 // grad_lower_bound[d] = sum over sequences of the per-sequence partials, in sequence order.
