@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .decode_plan import decode_weights
 from .modeling import MMfreeLMForCausalLM
 
 __all__ = ["DECODE_MODES", "Decoder", "GenerationResult", "generate", "sample_next"]
@@ -78,13 +79,11 @@ class _CudaGraphStep:
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side), torch.no_grad():
             for _ in range(3):  # warm-up: lazy inits and allocator pools happen outside capture
-                model(self.ids, self.state)
+                _step(model, self.ids, self.state.clone())
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad():
-            out = model(self.ids, self.state)
-            self.state.copy_(out.state)
-            self.logits = out.logits[:, 0]
+            self.logits = _step(model, self.ids, self.state)
         self.state.zero_()
 
     def __call__(self, ids: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -93,6 +92,18 @@ class _CudaGraphStep:
             self.state.copy_(state)
         self.graph.replay()
         return self.logits, self.state
+
+
+def _step(model: MMfreeLMForCausalLM, ids: Tensor, state: Tensor) -> Tensor:
+    """One decode step: ``state [L, B, h]`` is updated in place; returns fp32 logits ``[B, V]``.
+
+    Packed models run the model-level op ``mmfree::decode_step`` (one call for the whole step);
+    latent models run their forward."""
+    if model.is_packed:
+        return decode_weights(model).step(ids.view(-1), state).float()
+    out = model(ids.view(-1, 1), state)
+    state.copy_(out.state)
+    return out.logits[:, 0]
 
 
 # Graphs captured per model and batch size (dropped with the model).
@@ -151,9 +162,9 @@ class Decoder:
             # reduce-overhead graphs reuse their output memory on the next call
             self.state = out.state.clone()
             return out.logits[:, 0].clone()
-        out = self.model(tokens.view(-1, 1), self.state)
-        self.state = out.state
-        return out.logits[:, 0]
+        assert self.state is not None, "prefill() comes before step()"
+        self.state = self.state.contiguous()
+        return _step(self.model, tokens, self.state)
 
 
 # ----------------------------------------------------------------------------------------

@@ -226,6 +226,7 @@ class MMfreeLMForCausalLM(nn.Module):
     def refresh_fused_weights(self) -> None:
         """Re-derive the packed path's constants from the weights (done by pack() and loading):
         the stacked i/f/g norm weights and the per-layer lower bounds."""
+        self.__dict__.pop("_decode_weights", None)  # decode_plan's gathered copies are stale now
         if not self.is_packed:
             return
         for layer in self.model.layers:
@@ -249,6 +250,7 @@ class MMfreeLMForCausalLM(nn.Module):
         if self.layer_lb is not None:
             keep.append((self, "layer_lb"))
         saved = [(m, name, m._buffers[name]) for m, name in keep]
+        self.__dict__.pop("_decode_weights", None)  # moved or cast: gather again on next use
         super()._apply(fn, recurse)
         for m, name, before in saved:
             after = m._buffers[name]
