@@ -1,0 +1,264 @@
+"""``HGRNBitForCausalLM``: a transformers ``PreTrainedModel`` + ``GenerationMixin`` over our model.
+
+The computation is :class:`mmfree_ext.models.MMfreeLMForCausalLM` (held as ``_core``); this class
+registers the core's ``model`` (backbone) and ``lm_head`` as its own submodules, so its
+``state_dict`` keys are the paper's (``model.layers.0.attn.i_proj.weight``, ``lm_head.weight``,
+...) and transformers loads the paper's folders (safetensors or ``pytorch_model.bin``) as they
+are. What this class adds: the ``labels=`` loss, the :class:`~mmfree_ext.hf.cache.MMfreeCache`
+protocol that ``generate()`` drives, and for packed models on CUDA the core's CUDA-graph decode
+step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .. import nn as mnn
+from ..models.generation import Decoder
+from ..models.modeling import MMfreeLMForCausalLM
+from .cache import MMfreeCache
+from .config import HGRNBitConfig
+
+__all__ = ["DECODE_MODES", "HGRNBitForCausalLM", "HGRNBitPreTrainedModel", "causal_lm_loss"]
+
+#: ``model.decode_mode``: "auto" replays a CUDA graph for single-token steps of a packed CUDA
+#: model under no_grad (what generate() runs); "eager" always runs the plain forward.
+DECODE_MODES = ("auto", "eager")
+
+# transformers 5.2x renamed the output / input field `past_key_values` to `cache`.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
+    """Next-token cross entropy: ``logits[:, t]`` predicts ``labels[:, t + 1]``; ``-100`` is ignored.
+
+    The mean over the counted tokens, or their sum divided by ``num_items_in_batch`` when given
+    (what transformers' Trainer passes under gradient accumulation).
+    """
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels must be [B, T] = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    if isinstance(num_items_in_batch, Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+class HGRNBitPreTrainedModel(PreTrainedModel):
+    """transformers plumbing shared by the MMfreeLM classes (config class, init, flags)."""
+
+    config_class = HGRNBitConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["Block"]
+    # Packed weights' scales are part of the quantized weight: never cast them to bf16/fp16.
+    _keep_in_fp32_modules = ["w_scale"]
+    _supports_cache_class = True
+    # A recurrent state cannot be rolled back: transformers refuses assisted decoding.
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The native init (MMfreeLMForCausalLM.init_weights): weights ~ N(0, initializer_range),
+        norm scales 1, lower bounds 0. Used for models built from a config, not when loading."""
+        std = self.config.initializer_range
+        if isinstance(module, (mnn.BitLinear, nn.Embedding)):
+            module.weight.normal_(0.0, std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, mnn.RMSNorm):
+            module.weight.fill_(1.0)
+        if isinstance(getattr(module, "lower_bounds", None), nn.Parameter):
+            module.lower_bounds.zero_()
+
+
+class HGRNBitForCausalLM(HGRNBitPreTrainedModel, GenerationMixin):
+    """MMfreeLM for ``AutoModelForCausalLM`` / ``generate()`` / ``Trainer`` / PEFT.
+
+    ``forward(input_ids, attention_mask=None, past_key_values=None, labels=None, use_cache=None,
+    logits_to_keep=0)`` returns ``CausalLMOutputWithPast`` (fp32 logits ``[B, T', V]``, the loss
+    when ``labels`` are given, the updated :class:`MMfreeCache`). ``attention_mask`` marks real
+    tokens with 1 (left padding: padded positions add nothing to the state). :meth:`pack` turns the
+    weights into 2-bit codes in place (inference; ``save_pretrained`` then writes a packed folder).
+    """
+
+    def __init__(self, config: HGRNBitConfig) -> None:
+        super().__init__(config)
+        core = MMfreeLMForCausalLM(config.to_mmfree_config(), init_seed=None)
+        if config.packed:
+            core.pack()
+        # The core is not a registered submodule (its keys would gain a prefix); its two children are.
+        self.__dict__["_core"] = core
+        self.model = core.model
+        self.lm_head = core.lm_head
+        self.decode_mode = "auto"
+        self.post_init()
+
+    # ------------------------------------------------------------------------------------
+    @property
+    def core(self) -> MMfreeLMForCausalLM:
+        """The native model computing this one's forward (shares every parameter)."""
+        core = self.__dict__["_core"]
+        # PEFT and friends may swap our children; the core must run what we hold.
+        if core.model is not self.model:
+            core.model = self.model
+        if core.lm_head is not self.lm_head:
+            core.lm_head = self.lm_head
+        return core
+
+    @property
+    def is_packed(self) -> bool:
+        return self.core.is_packed
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embeddings = value
+
+    def get_output_embeddings(self) -> None:
+        return None  # lm_head is a BitLinear (its own norm, ternary weights): not tied, not resizable
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> HGRNBitForCausalLM:
+        # The core's _apply moves our (shared) children plus its derived buffers and keeps the
+        # packed scales in fp32 under `.to(bf16)`.
+        self.core._apply(fn, recurse)
+        return self
+
+    @torch.no_grad()
+    def pack(self) -> HGRNBitForCausalLM:
+        """Replace every BitLinear by its 2-bit packed form (in place, inference only). Returns self."""
+        core = self.core
+        core.pack()
+        self.lm_head = core.lm_head
+        self.config.mmfree = core.config.to_dict()["mmfree"]
+        return self
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> HGRNBitForCausalLM:
+        """transformers' loader, then the packed path's derived constants from the loaded weights."""
+        model = super().from_pretrained(*args, **kwargs)
+        model.core.refresh_fused_weights()
+        return model
+
+    # ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values: MMfreeCache | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        inputs_embeds: Tensor | None = None,
+        return_dict: bool | None = None,
+        cache: MMfreeCache | None = None,
+        num_items_in_batch: int | Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast | tuple:
+        if inputs_embeds is not None:
+            raise ValueError("inputs_embeds is not supported by HGRNBitForCausalLM: pass input_ids")
+        if input_ids is None or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a [B, T] tensor, got {None if input_ids is None else input_ids.shape}")
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, MMfreeCache):
+            raise ValueError(f"past_key_values must be an MMfreeCache (a recurrent state), got {type(cache).__name__}")
+        if use_cache is None:
+            use_cache = bool(self.config.use_cache) and not self.training
+        if labels is not None and logits_to_keep:
+            raise ValueError("labels need the logits of every position: pass logits_to_keep=0")
+        batch, seq = input_ids.shape
+        state = cache.state if cache is not None else None
+        if state is not None and state.shape[1] != batch:
+            raise ValueError(f"the cache holds {state.shape[1]} sequences, input_ids has {batch}")
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < seq:
+                raise ValueError(
+                    f"attention_mask must be [B={batch}, >= T={seq}] (1 = token, 0 = padding), "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            mask = attention_mask[:, -seq:]
+            if bool(mask.all()):
+                mask = None
+
+        logits, new_state = self._run(input_ids, state, mask, logits_to_keep)
+        loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        if use_cache:
+            if cache is None:
+                cache = MMfreeCache(self.config.num_hidden_layers)
+            cache.update_state(new_state, seq)
+        else:
+            cache = None
+        if return_dict is False:
+            out = (logits, cache) if cache is not None else (logits,)
+            return (loss, *out) if loss is not None else out
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
+
+    def _run(self, ids: Tensor, state: Tensor | None, mask: Tensor | None, logits_to_keep: int) -> tuple[Tensor, Tensor]:
+        core = self.core
+        if self.decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {self.decode_mode!r}")
+        graph_step = (
+            self.decode_mode == "auto"
+            and ids.shape[1] == 1
+            and state is not None
+            and mask is None
+            and core.is_packed
+            and ids.device.type == "cuda"
+            and not torch.is_grad_enabled()
+        )
+        if graph_step:
+            # The core's decode step captured once per batch size; its outputs live in static
+            # buffers that the next replay overwrites, so hand out copies.
+            decoder = Decoder(core, ids.shape[0], "cuda_graph")
+            decoder.state = state
+            logits = decoder.step(ids[:, 0])
+            return logits.unsqueeze(1).clone(), decoder.state.clone()
+        out = core(ids, state, mask, logits_to_keep=logits_to_keep)
+        return out.logits, out.state
+
+    # ------------------------------------------------------------------------------------
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        use_cache: bool = True,
+        logits_to_keep: int | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Feed only the tokens the cache has not absorbed yet (all of them on the first step)."""
+        if inputs_embeds is not None:
+            raise ValueError("inputs_embeds is not supported by HGRNBitForCausalLM: pass input_ids")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None and use_cache:
+            cache = MMfreeCache(self.config.num_hidden_layers)
+        if cache is not None:
+            seen = cache.get_seq_length()
+            if seen >= input_ids.shape[1]:
+                raise ValueError(f"the cache has absorbed {seen} tokens but input_ids holds only {input_ids.shape[1]}")
+            input_ids = input_ids[:, seen:]
+        return {
+            "input_ids": input_ids.contiguous(),
+            "attention_mask": attention_mask,
+            "use_cache": use_cache,
+            "logits_to_keep": 1 if logits_to_keep is None else logits_to_keep,
+            _CACHE_FIELD: cache,
+        }
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must not build a DynamicCache: the first forward builds an MMfreeCache
