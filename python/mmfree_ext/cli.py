@@ -2,7 +2,8 @@
 
 Subcommands: ``demo`` (train, pack, generate, compare; no download), ``generate`` (a local
 checkpoint folder), ``convert`` (pack a checkpoint to 2 bits), ``bench`` (model throughput on
-random weights at a named size) and ``info`` (build and CPU features).
+random weights at a named size), ``eval`` (perplexity of a checkpoint on a text file, latent
+vs packed) and ``info`` (build and CPU features).
 """
 
 from __future__ import annotations
@@ -137,6 +138,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import evaluate_checkpoint
+
+    try:
+        with open(args.text, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise SystemExit(f"error: --text {args.text}: {exc.strerror}") from exc
+    try:
+        report = evaluate_checkpoint(
+            args.model,
+            text,
+            window=args.window,
+            stride=args.stride if args.stride is not None else max(1, args.window // 2),
+            device=_device(args.device),
+            dtype=_DTYPES[args.dtype] if args.dtype else None,
+            max_tokens=args.max_tokens,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    print("\n".join(report.lines()))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(report.to_dict(), fh, indent=2)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmfree", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -184,6 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prefill", type=int, default=0, help="also time a prefill of this many tokens")
     b.add_argument("--decode-mode", default="auto", choices=["auto", "eager", "cuda_graph", "compile"])
     b.set_defaults(func=_cmd_bench)
+
+    e = sub.add_parser("eval", help="perplexity of a checkpoint on a text file (sliding window), latent vs packed")
+    e.add_argument("--model", required=True, help="local folder with config.json and weights")
+    e.add_argument("--text", required=True, help="UTF-8 text file to score")
+    e.add_argument("--window", type=int, default=1024, help="tokens per window (default 1024)")
+    e.add_argument("--stride", type=int, default=None, help="tokens between window starts (default window/2)")
+    e.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="compute dtype (default: as stored)")
+    e.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    e.set_defaults(func=_cmd_eval)
 
     i = sub.add_parser("info", help="print build_info() and cpu_features()")
     i.set_defaults(func=_cmd_info)
