@@ -130,9 +130,10 @@ class EvalReport:
             )
         if "latent" in self.results and "packed" in self.results:
             lat, pk = self.results["latent"], self.results["packed"]
+            rel = (pk.perplexity / lat.perplexity - 1) * 100
             out.append(
-                f"  packed - latent: perplexity {pk.perplexity - lat.perplexity:+.4f} "
-                f"({(pk.perplexity / lat.perplexity - 1) * 100:+.3f}%), nll/token {pk.nll_per_token - lat.nll_per_token:+.6f}"
+                f"  packed - latent: perplexity {pk.perplexity - lat.perplexity:+.4f} ({rel:+.3f}%), "
+                f"nll/token {pk.nll_per_token - lat.nll_per_token:+.6f}"
             )
         else:
             out.append("  (packed checkpoint: no latent weights to compare against)")

@@ -8,7 +8,7 @@ naming the field when the config is built, before any weight is read.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import PretrainedConfig
 
@@ -31,7 +31,7 @@ class HGRNBitConfig(PretrainedConfig):
     """
 
     model_type = MODEL_TYPE
-    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values", "cache"]
 
     def __init__(
         self,
@@ -126,7 +126,7 @@ class HGRNBitConfig(PretrainedConfig):
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """As transformers writes it, in the paper's layout: no ``mmfree`` key in latent folders, ``torch_dtype`` kept."""
+        """As transformers writes it, in the paper's layout (no ``mmfree`` key in latent folders, ``torch_dtype``)."""
         data = super().to_dict()
         if not data.get(_MMFREE_KEY):
             data.pop(_MMFREE_KEY, None)

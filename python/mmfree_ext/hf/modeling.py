@@ -12,7 +12,7 @@ step.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -62,9 +62,9 @@ class HGRNBitPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
-    _no_split_modules = ["Block"]
-    # Packed weights' scales are part of the quantized weight: never cast them to bf16/fp16.
-    _keep_in_fp32_modules = ["w_scale"]
+    _no_split_modules: ClassVar[list[str]] = ["Block"]
+    # Packed scales (`w_scale`) are fp32 buffers: transformers' dtype= casts parameters only, so
+    # they stay exact (tested); `_keep_in_fp32_modules` cannot name buffers on transformers 4.x.
     _supports_cache_class = True
     # A recurrent state cannot be rolled back: transformers refuses assisted decoding.
     _is_stateful = True
@@ -166,8 +166,11 @@ class HGRNBitForCausalLM(HGRNBitPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         cache: MMfreeCache | None = None,
         num_items_in_batch: int | Tensor | None = None,
+        token_type_ids: Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
+        # token_type_ids (some tokenizers return them) and position_ids / cache_position (generate()
+        # passes them on some versions) mean nothing to a recurrent model: accepted and ignored.
         if inputs_embeds is not None:
             raise ValueError("inputs_embeds is not supported by HGRNBitForCausalLM: pass input_ids")
         if input_ids is None or input_ids.dim() != 2:
@@ -207,7 +210,9 @@ class HGRNBitForCausalLM(HGRNBitPreTrainedModel, GenerationMixin):
             return (loss, *out) if loss is not None else out
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
 
-    def _run(self, ids: Tensor, state: Tensor | None, mask: Tensor | None, logits_to_keep: int) -> tuple[Tensor, Tensor]:
+    def _run(
+        self, ids: Tensor, state: Tensor | None, mask: Tensor | None, logits_to_keep: int
+    ) -> tuple[Tensor, Tensor]:
         core = self.core
         if self.decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {self.decode_mode!r}")
