@@ -132,7 +132,7 @@ class EvalReport:
             lat, pk = self.results["latent"], self.results["packed"]
             rel = (pk.perplexity / lat.perplexity - 1) * 100
             out.append(
-                f"  packed - latent: perplexity {pk.perplexity - lat.perplexity:+.4f} ({rel:+.3f}%), "
+                f"  packed - latent: perplexity {pk.perplexity - lat.perplexity:+.6f} ({rel:+.5f}%), "
                 f"nll/token {pk.nll_per_token - lat.nll_per_token:+.6f}"
             )
         else:
