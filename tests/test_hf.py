@@ -233,7 +233,6 @@ def test_forward_errors_name_the_argument(hf_model) -> None:
         hf_model(ids, attention_mask=torch.ones(2, 3))
     with pytest.raises(ValueError, match="past_key_values"):
         hf_model(ids, past_key_values=transformers.DynamicCache())
-    cache = hf_model(_ids([5, 6], [7, 8])).logits  # noqa: F841  (a batch of 2 ...)
     two = hf_model(_ids([5, 6], [7, 8]), use_cache=True)
     state = two.past_key_values if hasattr(two, "past_key_values") else two.cache
     with pytest.raises(ValueError, match="cache holds 2 sequences"):
@@ -375,6 +374,27 @@ def test_packed_generate_and_round_trip(tmp_path, paper_dir, native) -> None:
     bf16_native = load_model(folder, dtype=torch.bfloat16, progress=False)
     with torch.no_grad():
         assert torch.equal(bf16(ids).logits, bf16_native(ids).logits)
+
+
+def test_to_dtype_keeps_packed_scales_fp32(paper_dir) -> None:
+    model = AutoModelForCausalLM.from_pretrained(paper_dir).pack().to(torch.bfloat16)
+    want = load_model(paper_dir, pack=True, progress=False).to(torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    assert all(m.w_scale.dtype == torch.float32 for m in model.modules() if hasattr(m, "w_scale"))
+    ids = torch.randint(3, TINY["vocab_size"], (2, 6))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want(ids).logits)
+
+
+def test_from_config_and_register_again() -> None:
+    mh.register()  # idempotent, and replaces an earlier registration of hgrn_bit
+    config = AutoConfig.for_model("hgrn_bit", **TINY)
+    assert isinstance(config, mh.HGRNBitConfig)
+    model = AutoModelForCausalLM.from_config(config)
+    assert isinstance(model, mh.HGRNBitForCausalLM)
+    assert set(model.state_dict()) == set(MMfreeLMForCausalLM(MMfreeLMConfig(**TINY), init_seed=None).state_dict())
+    emb = model.get_input_embeddings().weight.detach()
+    assert torch.isfinite(emb).all() and 0.01 < float(emb.std()) < 0.03  # initializer_range 0.02
 
 
 def test_latent_save_pretrained_has_the_paper_layout(tmp_path, hf_model, native, paper_dir) -> None:
