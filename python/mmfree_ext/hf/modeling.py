@@ -131,6 +131,11 @@ class HGRNBitForCausalLM(HGRNBitPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> None:
         return None  # lm_head is a BitLinear (its own norm, ternary weights): not tied, not resizable
 
+    def train(self, mode: bool = True) -> HGRNBitForCausalLM:
+        super().train(mode)
+        self.__dict__["_core"].training = mode  # not a registered child: keep its flag in step
+        return self
+
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> HGRNBitForCausalLM:
         # The core's _apply moves our (shared) children plus its derived buffers and keeps the
         # packed scales in fp32 under `.to(bf16)`.
