@@ -386,6 +386,23 @@ def test_to_dtype_keeps_packed_scales_fp32(paper_dir) -> None:
         assert torch.equal(model(ids).logits, want(ids).logits)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_from_native_shares_the_weights(packed: bool) -> None:
+    native = _native_model(seed=7)
+    if packed:
+        native.pack()
+    model = mh.HGRNBitForCausalLM.from_native(native)
+    assert model.is_packed == packed and model.config.packed == packed
+    ours = dict(model.state_dict(keep_vars=True))
+    for key, value in native.state_dict(keep_vars=True).items():
+        assert ours[key] is value, key  # the same tensors: no copy
+    ids = torch.randint(3, TINY["vocab_size"], (1, 6))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, native(ids).logits)
+    with pytest.raises(ValueError, match="MMfreeLMForCausalLM"):
+        mh.HGRNBitForCausalLM.from_native(torch.nn.Linear(2, 2))
+
+
 def test_from_config_and_register_again() -> None:
     mh.register()  # idempotent, and replaces an earlier registration of hgrn_bit
     config = AutoConfig.for_model("hgrn_bit", **TINY)

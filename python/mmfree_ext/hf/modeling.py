@@ -152,6 +152,24 @@ class HGRNBitForCausalLM(HGRNBitPreTrainedModel, GenerationMixin):
         return self
 
     @classmethod
+    def from_native(cls, model: MMfreeLMForCausalLM) -> HGRNBitForCausalLM:
+        """Wrap an existing native model (latent or packed) without copying: the result shares
+        every parameter and buffer with ``model`` and computes with it."""
+        if not isinstance(model, MMfreeLMForCausalLM):
+            raise ValueError(f"model must be an MMfreeLMForCausalLM, got {type(model).__name__}")
+        native = model.config
+        fields = {k: v for k, v in native.to_dict().items() if k != "model_type"}
+        fields.pop("architectures", None)
+        config = HGRNBitConfig(**fields, architectures=[cls.__name__])
+        with torch.device("meta"):
+            wrapper = cls(config)  # a meta skeleton; its modules are replaced by the native ones
+        wrapper.__dict__["_core"] = model
+        wrapper.model = model.model
+        wrapper.lm_head = model.lm_head
+        wrapper.train(model.training)
+        return wrapper
+
+    @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> HGRNBitForCausalLM:
         """transformers' loader, then the packed path's derived constants from the loaded weights."""
         model = super().from_pretrained(*args, **kwargs)
