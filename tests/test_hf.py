@@ -498,6 +498,12 @@ def test_peft_lora_smoke() -> None:
         opt.zero_grad()
         losses.append(out.loss.item())
     assert losses[-1] < losses[0]
+    # LoRA on the BitLinear projections is refused loudly (the fused paths read their weights
+    # directly, so an adapter there would be skipped), not silently ignored.
+    with pytest.raises(ValueError, match="not supported"):
+        peft.get_peft_model(
+            mh.HGRNBitForCausalLM(mh.HGRNBitConfig(**TINY)), peft.LoraConfig(r=4, target_modules=["i_proj"])
+        )
     merged = model.merge_and_unload()
     for key, value in merged.state_dict().items():
         if key != "model.embeddings.weight":
@@ -515,10 +521,15 @@ def test_peft_lora_smoke() -> None:
 def test_cuda_graph_decode_matches_eager(paper_dir) -> None:
     model = AutoModelForCausalLM.from_pretrained(paper_dir, device_map="cuda", dtype=torch.bfloat16).pack()
     ids = torch.randint(3, TINY["vocab_size"], (3, 9), device="cuda")
+    from mmfree_ext.models.generation import _GRAPHS
+
     graph = model.generate(ids, max_new_tokens=16, do_sample=False)
+    beams = model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False)
+    assert model.core in _GRAPHS  # the decode steps replayed the core's CUDA graph
     model.decode_mode = "eager"
     eager = model.generate(ids, max_new_tokens=16, do_sample=False)
     assert torch.equal(graph, eager)
+    assert torch.equal(beams, model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False))
     native = load_model(paper_dir, device="cuda", dtype=torch.bfloat16, pack=True, progress=False)
     want = generate(native, ids.tolist(), 16, stop_tokens=[EOS])
     for row, want_row in zip(graph[:, 9:].tolist(), want.tokens, strict=True):
