@@ -55,6 +55,9 @@ def test_sliding_window_matches_direct(model, window: int, stride: int) -> None:
     assert res.nll_sum == pytest.approx(total, rel=1e-5)
     assert res.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
     assert res.forward_tokens >= ids.numel() and res.tokens_per_second > 0
+    batched = sliding_window_perplexity(model, ids, window, stride, batch_size=3)
+    assert batched.scored_tokens == res.scored_tokens and batched.windows == res.windows
+    assert batched.nll_sum == pytest.approx(res.nll_sum, rel=1e-6)  # rows are independent
 
 
 def test_sliding_window_argument_errors(model) -> None:
@@ -67,6 +70,8 @@ def test_sliding_window_argument_errors(model) -> None:
         sliding_window_perplexity(model, ids, 8, 0)
     with pytest.raises(ValueError, match="at least 2"):
         sliding_window_perplexity(model, ids[:1], 8, 4)
+    with pytest.raises(ValueError, match="batch_size"):
+        sliding_window_perplexity(model, ids, 8, 4, batch_size=0)
     with pytest.raises(ValueError, match="1-D int64"):
         sliding_window_perplexity(model, ids.float(), 8, 4)
 
@@ -91,7 +96,7 @@ def test_cli_eval(tmp_path, model, capsys) -> None:
     text = tmp_path / "t.txt"
     text.write_text(TEXT, encoding="utf-8")
     out_json = tmp_path / "r.json"
-    args = ["eval", "--model", folder, "--text", str(text), "--window", "64", "--device", "cpu"]
+    args = ["eval", "--model", folder, "--text", str(text), "--window", "64", "--device", "cpu", "--batch-size", "2"]
     assert main([*args, "--json", str(out_json)]) == 0
     printed = capsys.readouterr().out
     assert "latent" in printed and "packed" in printed and "tok/s" in printed

@@ -155,6 +155,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             device=_device(args.device),
             dtype=_DTYPES[args.dtype] if args.dtype else None,
             max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
         )
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from exc
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=int, default=1024, help="tokens per window (default 1024)")
     e.add_argument("--stride", type=int, default=None, help="tokens between window starts (default window/2)")
     e.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    e.add_argument("--batch-size", type=int, default=1, help="windows per forward (default 1; same result)")
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="compute dtype (default: as stored)")
     e.add_argument("--json", default=None, help="also write the numbers to this JSON file")

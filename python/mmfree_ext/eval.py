@@ -62,10 +62,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(begin, end, first)`` per window: tokens ``[begin, end)``, scoring the targets from
+    index ``first`` of the window's ``end - begin - 1`` next-token predictions on."""
+    out = []
+    prev_end = 0
+    for begin in range(0, n, stride):
+        end = min(begin + window, n)
+        # Targets are the tokens at absolute positions begin+1 .. end-1; score those >= prev_end.
+        out.append((begin, end, max(prev_end, begin + 1) - (begin + 1)))
+        prev_end = end
+        if end == n:
+            break
+    return out
+
+
 @torch.no_grad()
-def sliding_window_perplexity(model: MMfreeLMForCausalLM, ids: Tensor, window: int, stride: int) -> PerplexityResult:
+def sliding_window_perplexity(
+    model: MMfreeLMForCausalLM, ids: Tensor, window: int, stride: int, batch_size: int = 1
+) -> PerplexityResult:
     """Perplexity of ``model`` on the token ids ``ids`` (1-D int64), windows of ``window`` tokens
-    every ``stride`` tokens (``1 <= stride <= window``). Raises ``ValueError`` naming a bad argument."""
+    every ``stride`` tokens (``1 <= stride <= window``), ``batch_size`` windows per forward (each
+    starts from a zero state, so batching does not change the result). Raises ``ValueError``
+    naming a bad argument."""
     if ids.dim() != 1 or ids.dtype != torch.long:
         raise ValueError(f"ids must be a 1-D int64 tensor, got {ids.dim()}-D {ids.dtype}")
     if ids.numel() < 2:
@@ -74,32 +93,37 @@ def sliding_window_perplexity(model: MMfreeLMForCausalLM, ids: Tensor, window: i
         raise ValueError(f"window must be >= 2 tokens, got {window}")
     if not 1 <= stride <= window:
         raise ValueError(f"stride must be in [1, window={window}], got {stride}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = model.device
     ids = ids.to(device)
-    n = ids.numel()
+    spans = _windows(ids.numel(), window, stride)
     nll = torch.zeros((), dtype=torch.float64, device=device)
-    scored = forward_tokens = windows = 0
-    prev_end = 0
+    scored = forward_tokens = 0
     _sync(device)
     t0 = time.perf_counter()
-    for begin in range(0, n, stride):
-        end = min(begin + window, n)
-        chunk = ids[begin:end]
-        logits = model(chunk[None]).logits[0]  # [L, V] fp32
-        # Targets chunk[1:] at absolute positions begin+1 .. end-1; score those >= prev_end.
-        first = max(prev_end, begin + 1) - (begin + 1)
-        targets = chunk[1:][first:]
-        if targets.numel():
-            nll += F.cross_entropy(logits[:-1][first:], targets, reduction="sum").double()
-        scored += targets.numel()
-        forward_tokens += chunk.numel()
-        windows += 1
-        prev_end = end
-        if end == n:
-            break
+    i = 0
+    while i < len(spans):
+        # Windows of one length go together (all but possibly the last are `window` long).
+        length = spans[i][1] - spans[i][0]
+        group = [spans[i]]
+        while len(group) < batch_size and i + len(group) < len(spans):
+            nxt = spans[i + len(group)]
+            if nxt[1] - nxt[0] != length:
+                break
+            group.append(nxt)
+        batch = torch.stack([ids[b:e] for b, e, _ in group])
+        logits = model(batch).logits  # [G, L, V] fp32
+        for row, (_, _, first) in enumerate(group):
+            targets = batch[row, 1:][first:]
+            if targets.numel():
+                nll += F.cross_entropy(logits[row, :-1][first:], targets, reduction="sum").double()
+            scored += targets.numel()
+        forward_tokens += batch.numel()
+        i += len(group)
     _sync(device)
     seconds = time.perf_counter() - t0
-    return PerplexityResult(float(nll), scored, forward_tokens, windows, seconds)
+    return PerplexityResult(float(nll), scored, forward_tokens, len(spans), seconds)
 
 
 @dataclass
@@ -113,6 +137,7 @@ class EvalReport:
     text_tokens: int
     window: int
     stride: int
+    batch_size: int
     results: dict[str, PerplexityResult]
 
     def lines(self) -> list[str]:
@@ -120,7 +145,7 @@ class EvalReport:
         form = "packed" if self.stored_packed else "latent"
         out = [
             f"{self.model_dir} ({form} checkpoint) on {self.device} {self.dtype}: {self.text_tokens} tokens, "
-            f"window {self.window}, stride {self.stride}"
+            f"window {self.window}, stride {self.stride}, {self.batch_size} windows per forward"
         ]
         for name, r in self.results.items():
             out.append(
@@ -154,6 +179,7 @@ def evaluate_checkpoint(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     max_tokens: int | None = None,
+    batch_size: int = 1,
 ) -> EvalReport:
     """Tokenize ``text`` with the folder's tokenizer (``tokenizer.json``, else bytes) and measure
     the perplexity of the latent weights (latent checkpoints) and of the packed ones."""
@@ -172,9 +198,9 @@ def evaluate_checkpoint(
     stored_packed = model.is_packed
     results: dict[str, PerplexityResult] = {}
     if not stored_packed:
-        results["latent"] = sliding_window_perplexity(model, ids, window, stride)
+        results["latent"] = sliding_window_perplexity(model, ids, window, stride, batch_size)
         model.pack()
-    results["packed"] = sliding_window_perplexity(model, ids, window, stride)
+    results["packed"] = sliding_window_perplexity(model, ids, window, stride, batch_size)
     return EvalReport(
         model_dir=model_dir,
         stored_packed=stored_packed,
@@ -183,5 +209,6 @@ def evaluate_checkpoint(
         text_tokens=ids.numel(),
         window=window,
         stride=stride,
+        batch_size=batch_size,
         results=results,
     )
