@@ -456,6 +456,7 @@ def _train_windows() -> torch.Tensor:
 
 
 def test_trainer_smoke(tmp_path) -> None:
+    pytest.importorskip("accelerate")  # transformers' Trainer needs it (make env installs it)
     from transformers import Trainer, TrainingArguments
 
     torch.manual_seed(0)
