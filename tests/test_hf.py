@@ -356,6 +356,12 @@ def test_packed_generate_and_round_trip(tmp_path, paper_dir, native) -> None:
     out = model.generate(ids[:1], max_new_tokens=10, do_sample=False)
     want = generate(ref_packed, [ids[0].tolist()], 10, stop_tokens=[EOS])
     assert _strip_after_eos(out[0, 8:].tolist()) == want.tokens[0]
+    # decode steps through the native decoder ("auto") and through the plain forward agree
+    beams = model.generate(ids, max_new_tokens=6, num_beams=2, do_sample=False)
+    model.decode_mode = "eager"
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=10, do_sample=False), out)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, num_beams=2, do_sample=False), beams)
+    model.decode_mode = "auto"
 
     folder = str(tmp_path / "packed")
     model.save_pretrained(folder)

@@ -5,8 +5,8 @@ registers the core's ``model`` (backbone) and ``lm_head`` as its own submodules,
 ``state_dict`` keys are the paper's (``model.layers.0.attn.i_proj.weight``, ``lm_head.weight``,
 ...) and transformers loads the paper's folders (safetensors or ``pytorch_model.bin``) as they
 are. What this class adds: the ``labels=`` loss, the :class:`~mmfree_ext.hf.cache.MMfreeCache`
-protocol that ``generate()`` drives, and for packed models on CUDA the core's CUDA-graph decode
-step.
+protocol that ``generate()`` drives, and for packed models the core's decode step (a CUDA graph
+on CUDA).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from .config import HGRNBitConfig
 
 __all__ = ["DECODE_MODES", "HGRNBitForCausalLM", "HGRNBitPreTrainedModel", "causal_lm_loss"]
 
-#: ``model.decode_mode``: "auto" replays a CUDA graph for single-token steps of a packed CUDA
-#: model under no_grad (what generate() runs); "eager" always runs the plain forward.
+#: ``model.decode_mode``: "auto" runs single-token steps of a packed model under no_grad (what
+#: generate() runs) through the native decoder (CUDA graph on CUDA, the decode-step op on CPU);
+#: "eager" always runs the plain forward.
 DECODE_MODES = ("auto", "eager")
 
 # transformers 5.2x renamed the output / input field `past_key_values` to `cache`.
@@ -239,22 +240,23 @@ class HGRNBitForCausalLM(HGRNBitPreTrainedModel, GenerationMixin):
         core = self.core
         if self.decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {self.decode_mode!r}")
-        graph_step = (
+        decode_step = (
             self.decode_mode == "auto"
             and ids.shape[1] == 1
             and state is not None
             and mask is None
             and core.is_packed
-            and ids.device.type == "cuda"
             and not torch.is_grad_enabled()
         )
-        if graph_step:
-            # The core's decode step captured once per batch size; its outputs live in static
-            # buffers that the next replay overwrites, so hand out copies.
-            decoder = Decoder(core, ids.shape[0], "cuda_graph")
-            decoder.state = state
-            logits = decoder.step(ids[:, 0])
-            return logits.unsqueeze(1).clone(), decoder.state.clone()
+        if decode_step:
+            # The native decoder's step: a CUDA graph captured once per batch size on CUDA, the
+            # model-level decode op on CPU. It updates its state in place (the graph's lives in a
+            # static buffer the next replay overwrites), so it gets a copy and hands out copies.
+            decoder = Decoder(core, ids.shape[0], "auto")
+            decoder.state = state.clone()
+            logits = decoder.step(ids[:, 0]).unsqueeze(1).clone()
+            new_state = decoder.state.clone() if decoder.mode == "cuda_graph" else decoder.state
+            return logits, new_state
         out = core(ids, state, mask, logits_to_keep=logits_to_keep)
         return out.logits, out.state
 
