@@ -438,6 +438,12 @@ def test_latent_save_pretrained_has_the_paper_layout(tmp_path, hf_model, native,
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, native(ids).logits)
         assert torch.equal(AutoModelForCausalLM.from_pretrained(folder)(ids).logits, native(ids).logits)
+    sharded = str(tmp_path / "sharded")
+    hf_model.save_pretrained(sharded, max_shard_size="100KB")
+    assert os.path.isfile(os.path.join(sharded, "model.safetensors.index.json"))
+    with torch.no_grad():
+        assert torch.equal(load_model(sharded, progress=False)(ids).logits, native(ids).logits)
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(sharded)(ids).logits, native(ids).logits)
 
 
 # ----------------------------------------------------------------------------------------
