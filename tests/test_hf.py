@@ -231,6 +231,8 @@ def test_forward_errors_name_the_argument(hf_model) -> None:
         hf_model(inputs_embeds=torch.zeros(1, 3, TINY["hidden_size"]))
     with pytest.raises(ValueError, match="attention_mask"):
         hf_model(ids, attention_mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="output_hidden_states"):
+        hf_model(ids, output_hidden_states=True)
     with pytest.raises(ValueError, match="past_key_values"):
         hf_model(ids, past_key_values=transformers.DynamicCache())
     two = hf_model(_ids([5, 6], [7, 8]), use_cache=True)

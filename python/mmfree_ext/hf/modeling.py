@@ -197,6 +197,9 @@ class HGRNBitForCausalLM(HGRNBitPreTrainedModel, GenerationMixin):
         # passes them on some versions) mean nothing to a recurrent model: accepted and ignored.
         if inputs_embeds is not None:
             raise ValueError("inputs_embeds is not supported by HGRNBitForCausalLM: pass input_ids")
+        for name in ("output_hidden_states", "output_attentions"):
+            if kwargs.get(name):
+                raise ValueError(f"{name}=True is not supported by HGRNBitForCausalLM (the fused layers keep none)")
         if input_ids is None or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a [B, T] tensor, got {None if input_ids is None else input_ids.shape}")
         cache = cache if cache is not None else past_key_values
