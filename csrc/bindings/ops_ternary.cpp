@@ -86,9 +86,10 @@ std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
 
 #if defined(MMFREE_WITH_CUDA)
 // Which CUDA GEMM serves prefill-sized products (M >= 8), from MMFREE_TERNARY_GEMM:
-// unset or "auto" (wgmma on sm_90 from kSm90MinRows rows, mma.sync elsewhere), "mma"
-// (always mma.sync) or "sm90" (always the sm_90a wgmma kernel; an error where that is not
-// built or the GPU is not sm_90). Tests and benchmarks force each kernel with it.
+// unset or "auto" (wgmma on sm_90 for the large products where it measured faster,
+// mma.sync elsewhere; cuda/ternary/launch.h), "mma" (always mma.sync) or "sm90" (always
+// the sm_90a wgmma kernel; an error where that is not built or the GPU is not sm_90).
+// Tests and benchmarks force each kernel with it.
 cuda::TernaryGemmImpl gemm_impl_from_env() {
   const char* v = std::getenv("MMFREE_TERNARY_GEMM");
   const std::string impl = v == nullptr ? "" : v;

@@ -74,9 +74,10 @@ void ternary_matmul_t(const TernaryMatmulTParams& p);
 #if defined(MMFREE_WITH_CUDA)
 namespace cuda {
 // Which tensor-core GEMM serves the products that do not go to the decode GEMV (M >= 8).
-// kAuto: the sm_90a wgmma kernel on sm_90 devices for M >= kSm90MinRows (x rows 16-byte
-// aligned), else the mma.sync kernel. kMma: always mma.sync. kSm90: always wgmma
-// (cudaErrorNotSupported where it is not built or the device is not sm_90).
+// kAuto: the sm_90a wgmma kernel on sm_90 devices for the large products where it measured
+// faster (cuda/ternary/launch.h; x rows 16-byte aligned), else the mma.sync kernel.
+// kMma: always mma.sync. kSm90: always wgmma (cudaErrorNotSupported where it is not built
+// or the device is not sm_90).
 enum class TernaryGemmImpl { kAuto, kMma, kSm90 };
 cudaError_t ternary_matmul(const TernaryMatmulParams& p, cudaStream_t stream,
                            TernaryGemmImpl impl = TernaryGemmImpl::kAuto);

@@ -1,6 +1,6 @@
 // mmfree::cuda::ternary_matmul: picks the kernel by M. Decode (M < 8) is bound by the
 // weight stream and goes to the dp4a GEMV; prefill goes to a tensor-core GEMM: on sm_90
-// the wgmma kernel (gemm_sm90.cu) from kSm90MinRows rows, else mma.sync (gemm.cu). All
+// the wgmma kernel (gemm_sm90.cu) for the large products (launch.h says which), else mma.sync (gemm.cu). All
 // read the canonical packed format directly, so there is no load-time weight transform.
 #include <cstdint>
 
@@ -33,7 +33,8 @@ cudaError_t launch_prefill(const TernaryMatmulParams& p, cudaStream_t stream, Te
   }
 #if defined(MMFREE_HAVE_SM90_GEMM)
   const bool vec_a = reinterpret_cast<uintptr_t>(p.x_q) % 16 == 0 && p.x_row_stride % 16 == 0;
-  if (impl == TernaryGemmImpl::kAuto && p.M >= kSm90MinRows && p.K > 0 && vec_a && is_sm90_device()) {
+  const bool big = p.M >= kSm90AllColsRows || (p.M >= kSm90MinRows && p.N >= kSm90MinCols);
+  if (impl == TernaryGemmImpl::kAuto && big && p.K > 0 && vec_a && is_sm90_device()) {
     return launch_gemm_sm90(p, stream);
   }
 #endif

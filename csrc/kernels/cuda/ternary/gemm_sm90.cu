@@ -124,12 +124,15 @@ __device__ __forceinline__ void producer(const TernaryMatmulParams& p, const Til
   int stage = 0;
   uint32_t phase = 0;
   if (iters > 0) load_packed(tile, 0);
-  // Order within an iteration: the fence below compiles to MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC,
-  // which waits for every memory access this thread has in flight. So the stage's decoded
-  // stores and fence come first (the packed bytes they use arrived during the previous
-  // wait on `empty`), and only then are the stage's x copies and the next stage's packed
-  // loads issued: they stay in flight across the next wait instead of stalling this fence.
   for (int64_t it = 0; it < iters; ++it) {
+    uint4 cur[C::kRowsPerProducer][2];
+#pragma unroll
+    for (int r = 0; r < C::kRowsPerProducer; ++r) cur[r][0] = next[r][0], cur[r][1] = next[r][1];
+    int64_t ntile = tile;
+    int nkt = kt + 1;
+    if (nkt == map.ktiles) nkt = 0, ntile += gridDim.x;
+    if (it + 1 < iters) load_packed(ntile, nkt);  // in flight while this stage is written
+
     const uint32_t full = bars + 8 * stage;
     const uint32_t empty = bars + 8 * (C::kStages + stage);
     mbar_wait(empty, phase ^ 1);
@@ -138,15 +141,22 @@ __device__ __forceinline__ void producer(const TernaryMatmulParams& p, const Til
 
     const int64_t m0 = map.m0(tile);
     const int64_t k0 = static_cast<int64_t>(kt) * kBK + xc * 16;
-    if (!kVecA) {  // byte loads: plain stores, published by the fence below
+    const int64_t k_left = p.K - k0;
+    const int kbytes = k_left >= 16 ? 16 : (k_left > 0 ? static_cast<int>(k_left) : 0);
 #pragma unroll
-      for (int i = 0; i < kBM / 16; ++i) {
-        const int row = xr0 + 16 * i;
-        const int64_t m = m0 + row;
-        *reinterpret_cast<int4*>(a_tile + row * kBK + ((xc ^ (row & 7)) * 16)) =
-            m < p.M ? load_x16_bytes(p.x_q + m * p.x_row_stride, k0, p.K) : make_int4(0, 0, 0, 0);
+    for (int i = 0; i < kBM / 16; ++i) {
+      const int row = xr0 + 16 * i;
+      const int64_t m = m0 + row;
+      uint8_t* dst = a_tile + row * kBK + ((xc ^ (row & 7)) * 16);
+      if (kVecA) {
+        const int n = m < p.M ? kbytes : 0;
+        cp_async16(smem_addr(dst), n > 0 ? p.x_q + m * p.x_row_stride + k0 : p.x_q, n);
+      } else {
+        *reinterpret_cast<int4*>(dst) = m < p.M ? load_x16_bytes(p.x_q + m * p.x_row_stride, k0, p.K)
+                                                : make_int4(0, 0, 0, 0);
       }
     }
+    if (kVecA) cp_async_mbar_arrive(full);
 
 #pragma unroll
     for (int r = 0; r < C::kRowsPerProducer; ++r) {
@@ -154,7 +164,7 @@ __device__ __forceinline__ void producer(const TernaryMatmulParams& p, const Til
       uint8_t* brow = b_tile + row * kBK;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const uint4 w = next[r][h];
+        const uint4 w = cur[r][h];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int c = 2 * j + h;
@@ -166,23 +176,9 @@ __device__ __forceinline__ void producer(const TernaryMatmulParams& p, const Til
     fence_proxy_async();  // the generic-proxy stores above, before wgmma (async proxy) reads them
     mbar_arrive(full);
 
-    if (kVecA) {
-      const int64_t k_left = p.K - k0;
-      const int kbytes = k_left >= 16 ? 16 : (k_left > 0 ? static_cast<int>(k_left) : 0);
-#pragma unroll
-      for (int i = 0; i < kBM / 16; ++i) {
-        const int row = xr0 + 16 * i;
-        const int64_t m = m0 + row;
-        const int n = m < p.M ? kbytes : 0;
-        cp_async16(smem_addr(a_tile + row * kBK + ((xc ^ (row & 7)) * 16)),
-                   n > 0 ? p.x_q + m * p.x_row_stride + k0 : p.x_q, n);
-      }
-      cp_async_mbar_arrive(full);
-    }
-
-    if (++kt == map.ktiles) kt = 0, tile += gridDim.x;
-    if (it + 1 < iters) load_packed(tile, kt);
     if (++stage == C::kStages) stage = 0, phase ^= 1;
+    tile = ntile;
+    kt = nkt;
   }
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
@@ -313,13 +309,9 @@ template <class OutT>
 cudaError_t launch_typed(const TernaryMatmulParams& p, int sms, cudaStream_t stream) {
   const bool vec_a = reinterpret_cast<uintptr_t>(p.x_q) % 16 == 0 && p.x_row_stride % 16 == 0;
   // 256-wide tiles read A once per 256 outputs instead of 128 (less shared-memory traffic
-  // per product); 128-wide ones where the 256-wide grid leaves more of its last wave idle.
-  // Blocks are persistent, so a grid costs (waves) x (tile time), a 256-wide tile taking
-  // about 1.8x a 128-wide one.
-  const int64_t m_tiles = (p.M + kBM - 1) / kBM;
-  const int64_t waves256 = (m_tiles * ((p.N + 255) / 256) + sms - 1) / sms;
-  const int64_t waves128 = (m_tiles * ((p.N + 127) / 128) + sms - 1) / sms;
-  if (waves256 * 18 <= waves128 * 10) {
+  // per wgmma); 128-wide ones where the 256-wide grid would leave SMs idle.
+  const int64_t tiles256 = ((p.M + kBM - 1) / kBM) * ((p.N + 255) / 256);
+  if (tiles256 >= sms) {
     return vec_a ? launch_cfg<256, true, OutT>(p, sms, stream) : launch_cfg<256, false, OutT>(p, sms, stream);
   }
   return vec_a ? launch_cfg<128, true, OutT>(p, sms, stream) : launch_cfg<128, false, OutT>(p, sms, stream);
