@@ -10,8 +10,6 @@ chunks and partial 128-weight blocks, and x rows that are not 16-byte aligned (K
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
@@ -55,14 +53,23 @@ def _int_acc(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x_q.double(), w_q.double().t()).to(torch.int64)
 
 
-# Every M with every N and every K would be 80 products up to 8193 x 32001 x 6913; the
-# sample keeps every value of each axis paired with every value of the other two at least
-# once (a covering design over the tails) and the largest corners.
-_GRID = sorted(
-    {(m, n, k) for m, n in itertools.product(M_GRID, N_GRID) for k in (K_GRID[(M_GRID.index(m) + N_GRID.index(n)) % 4],)}
-    | {(m, n, k) for m, k in itertools.product(M_GRID, K_GRID) for n in (N_GRID[(M_GRID.index(m) + K_GRID.index(k)) % 4],)}
-    | {(m, n, k) for n, k in itertools.product(N_GRID, K_GRID) for m in (M_GRID[(N_GRID.index(n) + K_GRID.index(k)) % 5],)}
-)
+def _covering_grid() -> list[tuple[int, int, int]]:
+    """Every M with every N and every K would be 80 products up to 8193 x 32001 x 6913; this
+    sample pairs every value of each axis with every value of each other axis at least once
+    (34 products, every tail combination of two axes, the largest corners included)."""
+    grid = set()
+    for i, m in enumerate(M_GRID):
+        for j, n in enumerate(N_GRID):
+            grid.add((m, n, K_GRID[(i + j) % len(K_GRID)]))
+        for q, k in enumerate(K_GRID):
+            grid.add((m, N_GRID[(i + q) % len(N_GRID)], k))
+    for j, n in enumerate(N_GRID):
+        for q, k in enumerate(K_GRID):
+            grid.add((M_GRID[(j + q) % len(M_GRID)], n, k))
+    return sorted(grid)
+
+
+_GRID = _covering_grid()
 
 
 @pytest.mark.parametrize(("m", "n", "k"), _GRID)
