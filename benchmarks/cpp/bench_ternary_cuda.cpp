@@ -95,13 +95,17 @@ struct Kernel {
   Launcher fn;
 };
 // Indices into kKernels used by the timing tables and the misaligned-pointer check.
-enum KernelIndex { kSimple = 0, kGemvV1 = 1, kGemvV2 = 2, kGemm = 3, kDispatch = 4 };
+enum KernelIndex { kSimple = 0, kGemvV1 = 1, kGemvV2 = 2, kGemm = 3, kDispatch = 4, kGemmSm90 = 5 };
+cudaError_t dispatch(const TernaryMatmulParams& p, cudaStream_t stream) { return cuda::ternary_matmul(p, stream); }
 const Kernel kKernels[] = {
     {"simple", &cuda::ternary_kernels::launch_simple},
     {"gemv", &cuda::ternary_kernels::launch_gemv},
     {"gemv_v2", &cuda::ternary_kernels::launch_gemv_v2},
     {"gemm", &cuda::ternary_kernels::launch_gemm},
-    {"dispatch", &cuda::ternary_matmul},
+    {"dispatch", &dispatch},
+#if defined(MMFREE_HAVE_SM90_GEMM)
+    {"gemm_sm90", &cuda::ternary_kernels::launch_gemm_sm90},  // needs an sm_90 GPU
+#endif
 };
 
 uint32_t expected_bits(int64_t acc, float xs, float ws, DType t) {
@@ -230,7 +234,7 @@ void report_bw(const bench::Result& r) {
 void time_all() {
   struct NK { int64_t n, k; };
   const NK gemv_shapes[] = {{13824, 2560}, {2560, 6912}, {2560, 2560}, {32000, 2560}};
-  const NK gemm_shapes[] = {{2560, 2560}, {13824, 2560}, {2560, 6912}};
+  const NK gemm_shapes[] = {{2560, 2560}, {13824, 2560}, {2560, 6912}, {32000, 2560}};
   auto time_one = [](const Kernel& kern, int64_t M, int64_t N, int64_t K) {
     Problem pr;  // random bytes are enough for timing; no reference needed
     pr.M = M; pr.N = N; pr.K = K; pr.stride = K; pr.x_offset = 0;
@@ -274,8 +278,13 @@ void time_all() {
     }
   }
   std::printf("\n# prefill GEMM (bf16 out); TOPS = 2*M*N*K / time\n");
-  for (int64_t M : {512, 2048, 4096}) {
-    for (const NK& s : gemm_shapes) time_one(kKernels[kGemm], M, s.n, s.k);
+  for (int64_t M : {128, 512, 2048, 4096, 8192}) {
+    for (const NK& s : gemm_shapes) {
+      time_one(kKernels[kGemm], M, s.n, s.k);
+#if defined(MMFREE_HAVE_SM90_GEMM)
+      time_one(kKernels[kGemmSm90], M, s.n, s.k);
+#endif
+    }
   }
 }
 
