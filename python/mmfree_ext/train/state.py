@@ -13,6 +13,8 @@ import json
 import os
 import re
 import shutil
+import warnings
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -33,6 +35,14 @@ __all__ = ["export_model", "find_latest", "load_checkpoint", "save_checkpoint"]
 
 STATE_FILE = "train_state.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+@contextmanager
+def _single_process_ok():
+    """A plain (world size 1) process saves and loads without a process group by design."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
+        yield
 
 
 def checkpoint_dir(out_dir: str, step: int) -> str:
@@ -66,7 +76,8 @@ def save_checkpoint(
     os.makedirs(path, exist_ok=True) if rt.is_main else None
     rt.barrier()
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=path)
+    with _single_process_ok():
+        dcp.save(state, checkpoint_id=path)
     torch.save(_rng_state(rt.device), os.path.join(path, f"rng_rank{rt.rank}.pt"))
     rt.barrier()
     if rt.is_main:
@@ -95,7 +106,8 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     train state. The RNG state is restored when the world size is the same."""
     meta = read_train_state(path)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=path)
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     rng_file = os.path.join(path, f"rng_rank{rt.rank}.pt")

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 17 / issue 12 item 4 on one H200 (the extension already built, PYTHONPATH=python):
+#  1. benchmarks/bench_train_model.py eager: ours vs bf16 Llama (transformers), 370M and 1.3B,
+#     batch 4 x 2048, AdamW, bf16 params: tokens/s and peak memory;
+#  2. `mmfree train` on the shipped 370M and 1.3B configs (bf16, eager), synthetic tokens,
+#     40 / 30 steps: tokens/s (after the first log window) and peak memory, to set beside 1.;
+#  3. the same benchmark with the loss under torch.compile (fullgraph for ours);
+#  4. (COMPILE=1) `mmfree train --train.compile true` on both configs.
+# Each step is time-boxed (about 5 minutes in all); logs and JSON go to $OUT/train.tgz.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/mmfree-out}
+LOG=/tmp/mmfree-train; rm -rf "$LOG"; mkdir -p "$LOG" "$OUT"
+export PYTHONPATH=python${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+run() {  # run <seconds> <name> <command...>
+  local secs=$1 name=$2; shift 2
+  echo "=== $name ($(date +%T))"
+  timeout "$secs" "$@" > "$LOG/$name.log" 2>&1
+  echo "rc=$?" >> "$LOG/$name.log"
+  grep -v -E "Warning|warn\(" "$LOG/$name.log" | tail -${TAIL:-25}
+  tar czf "$OUT/train.tgz" -C "$LOG" .
+}
+train() {  # train <seconds> <size> <steps> <name> [flags...]
+  local secs=$1 size=$2 steps=$3 name=$4; shift 4
+  run "$secs" "$name" python3 -m mmfree_ext train "python/mmfree_ext/train/configs/$size.toml" \
+    --data.source synthetic --data.synthetic_tokens 4000000 --train.steps "$steps" \
+    --train.out_dir "$LOG/run_$name" --optim.warmup_steps 5 --checkpoint.every 0 --checkpoint.at_end false \
+    --checkpoint.export false --log.progress false --log.every 10 --log.print_every 10 "$@"
+}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+TAIL=12 run 100 bench_eager python3 benchmarks/bench_train_model.py --device cuda --modes eager \
+  --json "$LOG/bench_train_model_eager.json"
+train 50 370M 40 train_370M
+train 60 1.3B 30 train_1.3B
+TAIL=12 run 200 bench_compiled python3 benchmarks/bench_train_model.py --device cuda --modes compiled \
+  --json "$LOG/bench_train_model_compiled.json"
+if [ "${COMPILE:-0}" = 1 ]; then
+  train 120 370M 40 train_370M_compiled --train.compile true
+  train 150 1.3B 30 train_1.3B_compiled --train.compile true
+fi
+cp "$LOG"/*.json "$OUT"/ 2>/dev/null
+tar czf "$OUT/train.tgz" -C "$LOG" .
