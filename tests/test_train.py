@@ -88,6 +88,12 @@ def test_formats_text_jsonl_parquet_and_tokenizer_json(tmp_path):
     cfg.set("data.text_field", "body")
     assert build_corpus(cfg.data).num_documents == 2
 
+    (tmp_path / "bad.jsonl").write_text('{"body": "ok"}\n{"text": "x"}\n')
+    cfg.set("data.paths", [str(tmp_path / "bad.jsonl")])
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: no string field 'body'"):
+        build_corpus(cfg.data)
+    cfg.set("data.paths", [str(tmp_path / "c.parquet")])
+
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
@@ -278,13 +284,20 @@ def _cfg_dict(cfg: TrainConfig) -> dict:
 def test_two_ranks_match_one_and_checkpoint_loads_at_world_size_one(tmp_path):
     one = run_training(_tiny_cfg(tmp_path, "one", **{"checkpoint.at_end": False}))
     # 2 ranks, 1 row per micro-batch: 2 accumulation steps per rank for the same global batch of 4
-    two_cfg = _tiny_cfg(tmp_path, "two", **{"train.micro_batch": 1, "checkpoint.every": 3, "checkpoint.keep": 0})
+    two_cfg = _tiny_cfg(
+        tmp_path,
+        "two",
+        **{"train.micro_batch": 1, "checkpoint.every": 3, "checkpoint.keep": 0, "checkpoint.export": True},
+    )
     out = str(tmp_path / "two_losses.json")
     mp.start_processes(_rank_main, args=(2, _free_port(), _cfg_dict(two_cfg), out), nprocs=2, start_method="spawn")
     two = json.load(open(out))
     assert len(two) == 6
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one.losses), rtol=RANKS_RTOL, atol=0)
     assert abs(two[0] - one.losses[0]) <= LOAD_ATOL  # same init, same first batch
+    # the export gathers the FSDP shards: the full weights of the last step
+    exported = MMfreeLMForCausalLM.from_pretrained(str(tmp_path / "two" / "export" / "latent"), progress=False)
+    assert exported.config.hidden_size == 64
     ckpt = tmp_path / "two" / "checkpoints" / "step_00000003"
     assert json.loads((ckpt / "train_state.json").read_text())["world_size"] == 2
     # the world-size-2 (FSDP-sharded) checkpoint continues at world size 1, without FSDP
@@ -293,6 +306,12 @@ def test_two_ranks_match_one_and_checkpoint_loads_at_world_size_one(tmp_path):
     assert rest.start_step == 3 and len(rest.losses) == 3
     assert abs(rest.losses[0] - two[3]) <= LOAD_ATOL  # the loaded weights are the saved ones
     torch.testing.assert_close(torch.tensor(rest.losses), torch.tensor(two[3:]), rtol=RANKS_RTOL, atol=0)
+    # the resumed run's final weights match the world-size-2 run's export to the same tolerance
+    for name, p in rest.model.state_dict().items():
+        torch.testing.assert_close(p, exported.state_dict()[name], rtol=0.05, atol=1e-3, msg=name)
+    # a checkpoint of another model is refused with a clear message, before loading
+    with pytest.raises(ValueError, match=r"was trained with \[model\]"):
+        run_training(_tiny_cfg(tmp_path, "x", **{"checkpoint.resume": str(ckpt), "model.hidden_size": 128}))
 
 
 def test_export_latent_and_packed_load_for_generation(tmp_path):
@@ -325,3 +344,38 @@ def test_plot_writes_pngs(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     with pytest.raises(SystemExit, match=r"metrics\.jsonl"):
         main(["plot", str(tmp_path / "nothing")])
+
+
+def test_activation_checkpointing_gives_the_same_steps(tmp_path):
+    plain = run_training(_tiny_cfg(tmp_path, "plain", **{"train.steps": 2, "checkpoint.at_end": False}))
+    ac = run_training(
+        _tiny_cfg(
+            tmp_path, "ac", **{"train.steps": 2, "checkpoint.at_end": False, "train.activation_checkpointing": True}
+        )
+    )
+    assert ac.losses == plain.losses
+
+
+def test_bf16_mixed_runs_fsdp_in_one_process(tmp_path):
+    """bf16-mixed: FSDP2's MixedPrecisionPolicy on a one-process gloo group; fp32 master weights."""
+    fp32 = run_training(_tiny_cfg(tmp_path, "f", **{"train.steps": 2, "checkpoint.at_end": False}))
+    mixed = run_training(_tiny_cfg(tmp_path, "m", **{"train.steps": 2, "train.precision": "bf16-mixed"}))
+    assert all(p.dtype == torch.float32 for p in mixed.model.parameters())
+    # bf16 compute: the first loss (same init, same batch) within bf16 rounding of the fp32 one
+    assert abs(mixed.losses[0] - fp32.losses[0]) < 0.05 * fp32.losses[0]
+    assert torch.distributed.is_initialized() is False  # the one-process group is torn down
+    ckpt = mixed.checkpoint
+    assert ckpt is not None and json.loads(open(os.path.join(ckpt, "train_state.json")).read())["step"] == 2
+
+
+def test_bench_train_step_times_the_training_step():
+    from mmfree_ext.cli import build_parser
+    from mmfree_ext.train.bench import bench_train_step
+
+    torch.set_num_threads(1)
+    r = bench_train_step("tiny", "cpu", batch=1, seq_len=32, steps=1, warmup=1)
+    assert r["model"] == "mmfree" and r["tokens_per_s"] > 0 and r["params"] > 0 and r["final_loss"] > 0
+    with pytest.raises(ValueError, match="model_kind"):
+        bench_train_step("tiny", "cpu", model_kind="gpt")
+    args = build_parser().parse_args(["bench", "--train", "--config", "1.3B", "--compile"])
+    assert args.train and args.compile and (args.train_batch, args.train_seq) == (4, 2048)

@@ -210,16 +210,22 @@ def build_corpus(d: DataSection, seed: int = 0, vocab_size: int | None = None) -
 @dataclass
 class Batch:
     """One micro-batch on its device: ``input_ids``/``labels`` int64 ``[b, T]``; ``cu_seqlens``
-    int32 ``[S+1]`` over the b*T tokens (None when no document starts inside a row)."""
+    int64 ``[S+1]`` over the b*T tokens (None when no document starts inside a row)."""
 
     input_ids: Tensor
     labels: Tensor
     cu_seqlens: Tensor | None
 
     def to(self, device: torch.device) -> Batch:
-        nb = device.type == "cuda"
-        cu = None if self.cu_seqlens is None else self.cu_seqlens.to(device, non_blocking=nb)
-        return Batch(self.input_ids.to(device, non_blocking=nb), self.labels.to(device, non_blocking=nb), cu)
+        """The batch on ``device``. To CUDA through pinned memory: a copy from pageable memory
+        would wait for the queued kernels and block the host (no overlap of steps)."""
+        if device.type != "cuda":
+            return self
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.pin_memory().to(device, non_blocking=True)
+
+        return Batch(move(self.input_ids), move(self.labels), move(self.cu_seqlens))
 
 
 class PackedRows:
@@ -272,7 +278,7 @@ class PackedRows:
             flat = starts.reshape(-1)
             flat[torch.arange(len(rows)) * t] = True
             offsets = torch.nonzero(flat).flatten()
-            cu = torch.cat([offsets, torch.tensor([len(rows) * t])]).to(torch.int32)
+            cu = torch.cat([offsets, torch.tensor([len(rows) * t])])  # int64: what the scan reads
         return Batch(inputs, labels, cu)
 
     def rank_micro_batches(self, step: int, global_batch: int, rank: int, world: int, micro: int) -> list[list[int]]:

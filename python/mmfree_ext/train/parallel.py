@@ -122,7 +122,8 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos: int | None = None, eos:
         over.update(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos)
     if m.config:
         base = MMfreeLMConfig.from_json_file(m.config).to_dict()
-        base.pop("intermediate_size", None) if ("hidden_size" in over) else None
+        if "hidden_size" in over:  # a new width takes its default intermediate size
+            base.pop("intermediate_size", None)
         base.update(over)
         mc = MMfreeLMConfig.from_dict(base)
     else:
@@ -137,16 +138,34 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos: int | None = None, eos:
     return mc
 
 
+@torch.no_grad()
+def _init_weights(model: MMfreeLMForCausalLM, seed: int, device: torch.device) -> None:
+    """:meth:`MMfreeLMForCausalLM.init_weights` (a CPU generator in parameter order) on CPU; on
+    CUDA the same distribution drawn by a seeded CUDA generator on the device (a 1.3B model's
+    CPU draw takes tens of seconds). Either way every rank draws the same values."""
+    if device.type != "cuda":
+        model.init_weights(seed)
+        return
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name == "model.lower_bounds":
+            p.zero_()
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+
+
 def build_model(cfg: TrainConfig, mc: MMfreeLMConfig, rt: Runtime) -> tuple[nn.Module, MMfreeLMForCausalLM, bool]:
     """The model on ``rt.device``, seeded, cast, checkpointed, compiled and sharded as configured.
 
     Returns ``(module to call, the MMfreeLMForCausalLM inside, whether FSDP wraps it)``.
-    Every rank draws the same init (a CPU generator in parameter order) before sharding.
+    Every rank draws the same init before sharding (see :func:`_init_weights`).
     """
     with torch.device("meta"):
         model = MMfreeLMForCausalLM(mc, init_seed=None)
     model.to_empty(device=rt.device)
-    model.init_weights(cfg.model.init_seed)
+    _init_weights(model, cfg.model.init_seed, rt.device)
     precision = resolve_precision(cfg, rt.device)
     if precision == "bf16":
         model.to(torch.bfloat16)

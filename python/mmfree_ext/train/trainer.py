@@ -23,7 +23,7 @@ from .config import TrainConfig
 from .data import PackedRows, build_corpus
 from .metrics import MetricsWriter, peak_memory_gib
 from .parallel import Runtime, build_model, model_config, resolve_precision, setup_runtime, teardown
-from .state import checkpoint_dir, export_model, find_latest, load_checkpoint, save_checkpoint
+from .state import checkpoint_dir, export_model, find_latest, load_checkpoint, read_train_state, save_checkpoint
 from .step import build_optimizer, lm_loss_sum, lr_at, train_step
 
 __all__ = ["TrainResult", "run_training"]
@@ -89,6 +89,12 @@ def _run(cfg: TrainConfig, rt: Runtime, log: Callable[[str], None] | None) -> Tr
     resume = cfg.checkpoint.resume
     path = find_latest(t.out_dir) if resume == "auto" else (None if resume == "none" else resume)
     if path is not None:
+        saved_model = read_train_state(path).get("config", {}).get("model")
+        if saved_model is not None and saved_model != cfg.to_dict()["model"]:
+            raise ValueError(
+                f"checkpoint {path!r} was trained with [model] {saved_model}, this config has "
+                f"{cfg.to_dict()['model']}; set checkpoint.resume = none or another train.out_dir"
+            )
         meta = load_checkpoint(path, model, opt, rt)
         start_step, elapsed_before = int(meta["step"]), float(meta.get("elapsed", 0.0))
         if meta.get("global_batch") != t.global_batch or meta.get("seq_len") != d.seq_len:
