@@ -203,6 +203,19 @@ def test_config_errors_name_the_key(tmp_path):
     c = _tiny_cfg(tmp_path, **{"data.tokenizer": str(tmp_path / "tok.json")})
     with pytest.raises(ConfigError, match=r"data\.tokenizer"):
         c.validate()
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    c = _tiny_cfg(tmp_path, **{"model.config": str(tmp_path / "config.json")})
+    with pytest.raises(ConfigError, match=r"model\.config = .*'model_type' = 'llama'"):
+        c.validate()
+    c = _tiny_cfg(tmp_path, **{"train.steps": 0})
+    with pytest.raises(ConfigError, match=r"train\.steps = 0"):
+        c.validate()
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        c = _tiny_cfg(tmp_path, **{"log.tensorboard": True})
+        with pytest.raises(ConfigError, match=r"log\.tensorboard = true needs the 'tensorboard' package"):
+            c.validate()
 
 
 def test_cli_missing_data_fails_before_any_work(tmp_path, capsys):
@@ -323,6 +336,13 @@ def test_export_latent_and_packed_load_for_generation(tmp_path):
     assert packed.is_packed and packed.config.vocab_size == 258 and packed.config.eos_token_id == 257
     out = generate(packed, [[256, 84, 104]], 5)
     assert len(out.tokens[0]) == 5
+    # the exported config.json describes the architecture of a new run (model.config)
+    again = run_training(
+        _tiny_cfg(
+            tmp_path, "cfg", **{"train.steps": 1, "model.config": os.path.join(res.exports["latent"], "config.json")}
+        )
+    )
+    assert again.config.hidden_size == 64 and again.config.num_hidden_layers == 2 and again.config.vocab_size == 258
     from mmfree_ext.cli import main
 
     assert main(["generate", "--model", res.exports["packed"], "--prompt", "Th", "--max-new-tokens", "3",

@@ -187,6 +187,13 @@ class TrainConfig:
         if m.config:
             if check_paths and not os.path.isfile(m.config):
                 raise ConfigError(f"model.config = {m.config!r}: no such file")
+            if check_paths:
+                from ..models import MMfreeLMConfig
+
+                try:
+                    MMfreeLMConfig.from_json_file(m.config)
+                except (ValueError, TypeError) as exc:
+                    raise ConfigError(f"model.config = {m.config!r}: {exc}") from None
         else:
             from ..models import NAMED_CONFIGS
 
