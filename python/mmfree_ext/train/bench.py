@@ -67,7 +67,7 @@ def llama_like(size: str, device: torch.device, dtype: torch.dtype, seq_len: int
 
 def llama_loss_sum(model: nn.Module, input_ids: Tensor, labels: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
     """The summed cross entropy of a transformers causal LM (same reduction as ours)."""
-    logits = model(input_ids=input_ids).logits
+    logits = model(input_ids=input_ids, use_cache=False).logits
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )

@@ -59,7 +59,7 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    out_dir: str = _f("runs/train", "run folder: metrics.jsonl, checkpoints/, export/")
+    out_dir: str = _f("runs/train", "run folder (relative to the working dir): metrics.jsonl, checkpoints/, export/")
     steps: int = _f(100, "optimizer steps (the schedule's length)")
     max_seconds: float = _f(0.0, "stop after this wall time (0 = no limit); with steps=0 the schedule is "
                             "stretched over the steps estimated to fit")  # fmt: skip

@@ -53,11 +53,13 @@ class TrainResult:
 
 def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> TrainResult:
     """Validate ``cfg``, set up the ranks, train, checkpoint, export; returns :class:`TrainResult`."""
-    rt = setup_runtime(cfg)
+    threads = torch.get_num_threads()
+    rt = setup_runtime(cfg)  # applies train.threads
     try:
         return _run(cfg, rt, log)
     finally:
         teardown(rt)
+        torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
 def _stop_now(rt: Runtime, local: bool) -> bool:
