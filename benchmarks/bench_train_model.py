@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 results.append(r)
                 _save(args.json, results, notes)  # after every case: a time-boxed call keeps what it measured
+                peak = f"{r['peak_memory_gib']:9.2f}" if r["peak_memory_gib"] is not None else f"{'-':>9}"
                 print(f"{size:>6} {model:>7} {mode:>8} {r['tokens_per_s']:11,.0f} {r['step_ms']:9.1f} "
-                      f"{r['peak_memory_gib']:9.2f} {r['warmup_s']:9.1f}", flush=True)  # fmt: skip
+                      f"{peak} {r['warmup_s']:9.1f}", flush=True)  # fmt: skip
     for size in args.sizes:
         for mode in args.modes:
             ours = [r for r in results if r.get("size") == size and r["model"] == "mmfree"
@@ -83,8 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             base = [r for r in results if r.get("size") == size and r["model"] == "llama"
                     and r["compiled"] == (mode == "compiled") and "error" not in r]  # fmt: skip
             if ours and base:
-                print(f"{size} {mode}: ours / Llama tokens/s {ours[0]['tokens_per_s'] / base[0]['tokens_per_s']:.2f}x, "
-                      f"peak {ours[0]['peak_memory_gib']:.2f} vs {base[0]['peak_memory_gib']:.2f} GiB")  # fmt: skip
+                peaks = ""
+                if ours[0]["peak_memory_gib"] is not None:
+                    peaks = f", peak {ours[0]['peak_memory_gib']:.2f} vs {base[0]['peak_memory_gib']:.2f} GiB"
+                ratio = ours[0]["tokens_per_s"] / base[0]["tokens_per_s"]
+                print(f"{size} {mode}: ours / Llama tokens/s {ratio:.2f}x{peaks}")
     _save(args.json, results, notes)
     return 0
 

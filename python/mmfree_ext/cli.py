@@ -161,8 +161,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         )  # fmt: skip
         print(
             f"{args.config} training step on {device} ({r['dtype']}, {'compiled' if args.compile else 'eager'}), "
-            f"batch {args.train_batch} x {args.train_seq}: {r['tokens_per_s']:,.0f} tokens/s, "
-            f"peak memory {r['peak_memory_gib']:.2f} GiB"
+            f"batch {args.train_batch} x {args.train_seq}: {r['tokens_per_s']:,.0f} tokens/s"
+            + (f", peak memory {r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] is not None else "")
         )
         return 0
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)

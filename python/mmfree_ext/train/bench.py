@@ -127,7 +127,7 @@ def bench_train_step(
         last = train_step(model, opt, [mb], batch * seq_len, loss_fn=loss_fn)
     _sync(device)
     seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None  # CUDA only
     result = {
         "model": model_kind,
         "size": size,
