@@ -124,6 +124,23 @@ def test_rows_labels_and_cu_seqlens_follow_documents(tmp_path):
     assert rows.target_tokens([0, 1]) == int((batch.labels != IGNORE).sum())
 
 
+def test_token_cache_is_reused_and_follows_the_files(tmp_path):
+    from mmfree_ext.train.data import cached_corpus
+
+    cfg = _tiny_cfg(tmp_path)
+    root = str(tmp_path / "cache")
+    first = cached_corpus(cfg.data, root, True, lambda: None)
+    direct = build_corpus(cfg.data)
+    assert first.tokens.tolist() == direct.tokens.tolist() and first.doc_start.tolist() == direct.doc_start.tolist()
+    assert (first.vocab_size, first.bos, first.eos) == (258, 256, 257)
+    assert len(os.listdir(root)) == 1
+    again = cached_corpus(cfg.data, root, False, lambda: None)  # a non-main rank only reads
+    assert again.tokens.tolist() == first.tokens.tolist()
+    (tmp_path / "corpus.txt").write_text(TEXT + "one more document\n")
+    changed = cached_corpus(cfg.data, root, True, lambda: None)
+    assert len(os.listdir(root)) == 2 and changed.tokens.shape[0] > first.tokens.shape[0]
+
+
 def test_varlen_packed_rows_do_not_leak_across_documents():
     """The loss and gradients of a packed row equal those of its documents run one by one."""
     model = MMfreeLMForCausalLM(named_config("tiny", vocab_size=258, hidden_size=64), init_seed=0)

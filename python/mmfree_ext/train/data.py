@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .config import ConfigError, DataSection
 
-__all__ = ["Batch", "PackedRows", "TokenCorpus", "build_corpus", "load_tokenizer_for", "resolve_files"]
+__all__ = ["Batch", "PackedRows", "TokenCorpus", "build_corpus", "cached_corpus", "load_tokenizer_for", "resolve_files"]
 
 IGNORE = -100
 _EXT_FORMAT = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".json": "jsonl",
@@ -207,6 +207,44 @@ def build_corpus(d: DataSection, seed: int = 0, vocab_size: int | None = None) -
     return _from_docs(docs, tok)
 
 
+def _cache_key(d: DataSection) -> str:
+    """What the token stream depends on: the files (path, size, mtime), the tokenizer, the options."""
+    import hashlib
+
+    files = resolve_files(d.paths, d.format)
+    parts = [d.tokenizer, d.text_field, d.text_split, d.format]
+    if d.tokenizer != "bytes":
+        st = os.stat(d.tokenizer)
+        parts.append(f"{st.st_size}:{st.st_mtime_ns}")
+    for path, kind in files:
+        st = os.stat(path)
+        parts.append(f"{os.path.abspath(path)}:{kind}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def cached_corpus(d: DataSection, cache_root: str, is_main: bool, barrier) -> TokenCorpus:
+    """:func:`build_corpus` of local files, tokenized once: rank 0 writes the stream to
+    ``cache_root/<key>/`` (``tokens.npy``, ``doc_start.npy``, ``meta.json``) and every rank maps
+    it read-only (one copy in the page cache for all ranks; a restarted run skips tokenizing).
+    The key changes with any file's size or mtime, the tokenizer or the text options."""
+    folder = os.path.join(cache_root, _cache_key(d))
+    meta_path = os.path.join(folder, "meta.json")
+    if is_main and not os.path.isfile(meta_path):
+        corpus = build_corpus(d)
+        os.makedirs(folder, exist_ok=True)
+        np.save(os.path.join(folder, "tokens.npy"), corpus.tokens)
+        np.save(os.path.join(folder, "doc_start.npy"), corpus.doc_start)
+        with open(meta_path + ".tmp", "w", encoding="utf-8") as fh:
+            json.dump({"vocab_size": corpus.vocab_size, "bos": corpus.bos, "eos": corpus.eos}, fh)
+        os.replace(meta_path + ".tmp", meta_path)  # written last: a folder with it is complete
+    barrier()
+    with open(meta_path, encoding="utf-8") as fh:
+        meta = json.load(fh)
+    tokens = np.load(os.path.join(folder, "tokens.npy"), mmap_mode="r")
+    doc_start = np.load(os.path.join(folder, "doc_start.npy"), mmap_mode="r")
+    return TokenCorpus(tokens, doc_start, meta["vocab_size"], meta["bos"], meta["eos"])
+
+
 @dataclass
 class Batch:
     """One micro-batch on its device: ``input_ids``/``labels`` int64 ``[b, T]``; ``cu_seqlens``
@@ -240,11 +278,12 @@ class PackedRows:
         self.corpus = corpus
         self.seed = seed
         used = self.num_rows * seq_len + 1
-        self._tokens = torch.from_numpy(corpus.tokens[:used].astype(np.int64))
-        self._starts = torch.from_numpy(corpus.doc_start[:used].copy())
+        # The stream stays as it came (int32, possibly a read-only memory map); rows are cut from it.
+        self._tokens = corpus.tokens[:used]
+        self._starts = corpus.doc_start[:used]
         # Targets that open the next document carry no signal from the finished one: ignored.
-        tgt_start = self._starts[1:].view(self.num_rows, seq_len)
-        self._valid = (seq_len - tgt_start.sum(1)).numpy()
+        tgt_start = np.asarray(self._starts[1:]).reshape(self.num_rows, seq_len)
+        self._valid = seq_len - tgt_start.sum(1)
         self._perm_epoch = -1
         self._perm = np.arange(self.num_rows)
 
@@ -266,12 +305,11 @@ class PackedRows:
     def make_batch(self, rows: list[int]) -> Batch:
         """Inputs, labels and cu_seqlens of ``rows`` (CPU tensors)."""
         t = self.seq_len
-        idx = torch.tensor(rows, dtype=torch.long)
-        base = idx[:, None] * t + torch.arange(t)[None, :]
-        inputs = self._tokens[base]
-        targets = self._tokens[base + 1]
-        labels = targets.masked_fill(self._starts[base + 1], IGNORE)
-        starts = self._starts[base].clone()
+        win = np.stack([self._tokens[r * t : r * t + t + 1] for r in rows]).astype(np.int64)
+        opens = torch.from_numpy(np.stack([self._starts[r * t : r * t + t + 1] for r in rows]))
+        inputs = torch.from_numpy(win[:, :-1].copy())
+        labels = torch.from_numpy(win[:, 1:].copy()).masked_fill(opens[:, 1:], IGNORE)
+        starts = opens[:, :-1].clone()
         starts[:, 0] = False  # a row start is always a segment start
         cu = None
         if bool(starts.any()):

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from ..models import MMfreeLMConfig, MMfreeLMForCausalLM
 from .config import TrainConfig
-from .data import PackedRows, build_corpus
+from .data import PackedRows, build_corpus, cached_corpus
 from .metrics import MetricsWriter, peak_memory_gib
 from .parallel import Runtime, build_model, model_config, resolve_precision, setup_runtime, teardown
 from .state import checkpoint_dir, export_model, find_latest, load_checkpoint, read_train_state, save_checkpoint
@@ -78,7 +78,10 @@ def _run(cfg: TrainConfig, rt: Runtime, log: Callable[[str], None] | None) -> Tr
         mc = model_config(cfg, 258)
         corpus = build_corpus(d, t.seed, mc.vocab_size)
     else:
-        corpus = build_corpus(d, t.seed)
+        if d.source == "files":
+            corpus = cached_corpus(d, os.path.join(t.out_dir, "data_cache"), rt.is_main, rt.barrier)
+        else:
+            corpus = build_corpus(d, t.seed)
         mc = model_config(cfg, corpus.vocab_size, corpus.bos, corpus.eos)
     rows = PackedRows(corpus, d.seq_len, t.seed)
     model, inner, fsdp = build_model(cfg, mc, rt)
