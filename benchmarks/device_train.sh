@@ -29,6 +29,12 @@ train() {  # train <seconds> <size> <steps> <name> [flags...]
     --train.out_dir "$LOG/run_$name" --optim.warmup_steps 5 --checkpoint.every 0 --checkpoint.at_end false \
     --checkpoint.export false --log.progress false --log.every 10 --log.print_every 10 "$@"
 }
+if ! ls python/mmfree_ext/_C*.so >/dev/null 2>&1; then
+  echo "no built extension in python/mmfree_ext/: build first (about 90 s), e.g."
+  echo "  cmake -S . -B build/gpu -G Ninja -DPython_EXECUTABLE=\$(command -v python3) -DMMFREE_CUDA_ARCHS=90 \\"
+  echo "        -DMMFREE_COPY_TO_SOURCE=ON && cmake --build build/gpu -j 16"
+  exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 TAIL=12 run 75 bench_eager python3 benchmarks/bench_train_model.py --device cuda --modes eager \
   --json "$LOG/bench_train_model_eager.json"
