@@ -65,8 +65,7 @@ def _graph_us(fn, reps: int = 50) -> float:
 
 
 @torch.no_grad()
-def measure(size: str, batch: int, short: int, long: int) -> dict:
-    model = random_packed_model(size, "cuda", torch.bfloat16)
+def measure(model, size: str, batch: int, short: int, long: int) -> dict:
     cfg = model.config
     w = decode_weights(model)
     gen = torch.Generator().manual_seed(0)
@@ -97,8 +96,6 @@ def measure(size: str, batch: int, short: int, long: int) -> dict:
         "fraction_of_floor": floor_us / (per_token_s * 1e6),
         "fraction_of_floor_gpu": floor_us / fused_us,
     }
-    del model, w
-    torch.cuda.empty_cache()
     return row
 
 
@@ -110,7 +107,14 @@ def main() -> None:
     p.add_argument("--long", type=int, default=144, help="new tokens of the long generate() run")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    rows = [measure(size, b, args.short, args.long) for size in args.configs for b in args.batch]
+    rows = []
+    for size in args.configs:
+        model = random_packed_model(size, "cuda", torch.bfloat16)
+        for b in args.batch:
+            rows.append(measure(model, size, b, args.short, args.long))
+            print(f"  {size} batch {b}: {rows[-1]['tokens_per_s']:.0f} tok/s", flush=True)
+        del model
+        torch.cuda.empty_cache()
     print(
         f"{'model':<6} {'batch':>5} {'tok/s':>10} {'gen us/step':>11} {'fused GPU us':>12} {'us/layer':>9} "
         f"{'op-by-op us':>11} {'MB/step':>8} {'floor us':>9} {'of floor':>8}"

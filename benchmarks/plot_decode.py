@@ -1,6 +1,6 @@
 """Plots decode tokens/s vs batch against the bandwidth floor from bench_decode.py's JSON.
 
-    python benchmarks/plot_decode.py decode.json docs/decode_tokens_per_s.png
+python benchmarks/plot_decode.py decode.json docs/decode_tokens_per_s.png
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def main() -> None:

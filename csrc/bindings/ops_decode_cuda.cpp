@@ -4,8 +4,6 @@
 // (csrc/kernels/cuda/decode/decode_step.cu).
 #if defined(MMFREE_WITH_CUDA)
 
-#include <ATen/cuda/CUDAContext.h>
-
 #include <string>
 #include <vector>
 

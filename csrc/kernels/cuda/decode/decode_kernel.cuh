@@ -18,7 +18,8 @@ namespace decode {
 
 constexpr int kMaxMats = kDecodeMaxLayers * kDecodeMatsPerLayer + 1;
 constexpr int64_t kAlign = 256;
-// Shared memory the products may stage activations in (one CTA per SM).
+// Shared memory the products may stage activations in (one CTA per SM; less where the
+// device's opt-in limit is lower, e.g. 163 KB on the A100).
 constexpr int kSmemBudget = 200 * 1024;
 
 inline int64_t align_up(int64_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
@@ -265,10 +266,16 @@ template <class T>
 cudaError_t launch_typed(const KParams& kp, int smem_rows, cudaStream_t stream) {
   // Batch tile MT >= B; staging for as many 128-weight blocks as fit.
   const int64_t max_blocks = ternary::blocks_per_row(std::max(kp.h, kp.I));
+  int dev = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return err;
+  const int budget = std::min(kSmemBudget, optin - 1024);  // static shared memory and slack
+  if (smem_rows > budget) return cudaErrorInvalidValue;
   auto go = [&](auto mt) {
     constexpr int MT = decltype(mt)::value;
     KParams k = kp;
-    k.slab_blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_blocks, kSmemBudget / (MT * 128))));
+    k.slab_blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_blocks, budget / (MT * 128))));
     const int smem = std::max(smem_rows, MT * 128 * k.slab_blocks);
     return launch<T, MT>(k, smem, stream);
   };
