@@ -234,11 +234,13 @@ inline int sm_count() {
   return n;
 }
 
+// `smem_limit`: the most dynamic shared memory any launch of this kernel asks for on this
+// device (the attribute is raised once per device, to that, not to this launch's need).
 template <class T, int MT>
-cudaError_t launch(const KParams& kp, int smem, cudaStream_t stream) {
+cudaError_t launch(const KParams& kp, int smem, int smem_limit, cudaStream_t stream) {
   auto kernel = decode_step_kernel<T, MT>;
   static std::atomic<uint64_t> raised{0};
-  cudaError_t err = raise_smem_once(kernel, smem, raised);
+  cudaError_t err = raise_smem_once(kernel, smem_limit, raised);
   if (err != cudaSuccess) return err;
   int per_sm = 0;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
@@ -277,7 +279,7 @@ cudaError_t launch_typed(const KParams& kp, int smem_rows, cudaStream_t stream) 
     KParams k = kp;
     k.slab_blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_blocks, budget / (MT * 128))));
     const int smem = std::max(smem_rows, MT * 128 * k.slab_blocks);
-    return launch<T, MT>(k, smem, stream);
+    return launch<T, MT>(k, smem, budget, stream);
   };
   // Three tiles (compile time: each is a whole persistent kernel): 1, 2..8, 9..64.
   if (kp.B <= 1) return go(std::integral_constant<int, 1>{});
