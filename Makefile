@@ -21,7 +21,7 @@ $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install "$(TORCH_SPEC)" numpy pytest safetensors ruff \
-		"scikit-build-core>=0.10" pybind11 ninja "cmake>=3.25"
+		"scikit-build-core>=0.10" pybind11 ninja "cmake>=3.25" matplotlib
 
 # In-place build: the extension lands in python/mmfree_ext/, used with PYTHONPATH=python.
 build: env
