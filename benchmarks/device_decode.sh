@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 13 on the GPU in one device call (fits timeout_s=300): build for sm_90 (-j16), the
-# CUDA tests of the fused decode step, the models and the norms, compute-sanitizer memcheck
-# and racecheck on a small decode_step case, and the decode benchmark table printed last.
+# CUDA tests of the fused decode step, the in-graph generate(), the models and the norms,
+# compute-sanitizer memcheck and racecheck on small decode_step cases, and the decode
+# benchmark table printed last.
 # Logs, the benchmark JSON and the plot land in $OUT.
 #
 #   bash benchmarks/device_decode.sh            (STEPS="build tests sanitize bench" by default)
@@ -26,7 +27,7 @@ fi
 
 if [[ " $STEPS " == *" tests "* ]]; then
   step tests
-  timeout 100 $PYT tests/test_decode_step.py tests/test_models.py tests/test_norm.py -m cuda > "$OUT/tests.log" 2>&1
+  timeout 100 $PYT tests/test_decode_step.py tests/test_generate_cuda_graph.py tests/test_models.py tests/test_norm.py -m cuda > "$OUT/tests.log" 2>&1
   rc=$?; [ $rc -eq 0 ] || status=1
   tail -25 "$OUT/tests.log"; echo "tests rc=$rc"
 fi
