@@ -79,6 +79,19 @@ def test_decode_step_real_shapes_cuda(hidden: int, inter: int, batch: int) -> No
 
 
 @pytest.mark.cuda
+def test_decode_step_float16_cuda() -> None:
+    _check_steps(_packed_model("cuda", torch.float16), 3)
+
+
+@pytest.mark.cuda
+def test_decode_step_fallback_shapes_cuda() -> None:
+    """h and I that are not multiples of 8 bf16 elements, a batch over one launch's 64 rows:
+    the op-by-op fallback and the batch slicing must match the op-by-op path too."""
+    _check_steps(_packed_model("cuda", torch.bfloat16, hidden_size=100, intermediate_size=260), 3)
+    _check_steps(_packed_model("cuda", torch.bfloat16), 70, steps=2)
+
+
+@pytest.mark.cuda
 def test_decode_step_cuda_graph() -> None:
     model = _packed_model("cuda", torch.bfloat16)
     weights = decode_weights(model)

@@ -1,10 +1,15 @@
 // CUDA implementation of mmfree::decode_step (schema: ops_decode.cpp; semantics:
 // csrc/kernels/decode.h): the argument checks of python/mmfree_ext/ops/decode.py's
 // check_decode_args with the same messages, then one persistent kernel per step
-// (csrc/kernels/cuda/decode/decode_step.cu).
+// (csrc/kernels/cuda/decode/decode_step.cu), or, for models that kernel does not take, the
+// same step op by op.
 #if defined(MMFREE_WITH_CUDA)
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "bindings/checks.h"
@@ -44,6 +49,64 @@ std::string shape_of(const at::Tensor& t) {
 void check_on(const at::Tensor& t, const std::string& name, const at::Device& dev) {
   TORCH_CHECK(t.device() == dev, "mmfree: argument '", name, "' must be on ", dev, " (the device of 'embeddings'), got ",
               t.device());
+}
+
+template <class Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// The step op by op through the dispatcher, exactly as the CompositeExplicitAutograd
+// implementation (ops/decode.py) runs it: the fallback for models the fused kernel does not
+// take (decode_step_unsupported), so the CUDA op accepts everything the schema does.
+at::Tensor op_by_op_step(const at::Tensor& tokens, const at::Tensor& state, const at::Tensor& embeddings,
+                         const at::Tensor& lower_bounds, const at::Tensor& norms, const at::Tensor& down_norms,
+                         at::TensorList packed, const at::Tensor& w_scales, const at::Tensor& final_norms, double eps,
+                         int64_t inter) {
+  using T = at::Tensor;
+  using Pair = std::tuple<T, T>;
+  using Opt = std::optional<T>;
+  static auto rms_norm = op_handle<Pair(const T&, const T&, double, const Opt&)>("mmfree::rms_norm");
+  static auto quant = op_handle<Pair(const T&, const T&, double)>("mmfree::rms_norm_quant");
+  static auto quant_multi = op_handle<Pair(const T&, const T&, double)>("mmfree::rms_norm_quant_multi");
+  static auto grouped =
+      op_handle<T(const T&, const T&, at::TensorList, at::TensorList, at::ScalarType)>("mmfree::ternary_matmul_grouped");
+  static auto scan =
+      op_handle<Pair(const T&, const T&, const Opt&, const Opt&, const Opt&, const Opt&)>("mmfree::mlgru_scan");
+  static auto gate_quant =
+      op_handle<Pair(const T&, const T&, const T&, double, const T&, double)>("mmfree::rms_norm_swish_gate_quant");
+  static auto matmul = op_handle<T(const T&, const T&, const T&, const T&, at::ScalarType)>("mmfree::ternary_matmul");
+  static auto linear = op_handle<T(const T&, const T&, const T&, const T&, double)>("mmfree::ternary_linear_packed");
+  const at::ScalarType dtype = embeddings.scalar_type();
+  T x = at::embedding(embeddings, tokens).unsqueeze(1);  // [B, 1, h]
+  T delta;
+  const std::vector<T> ws = w_scales.unbind(0);
+  for (int64_t l = 0; l < state.size(0); ++l) {
+    const T nw = norms[l];
+    const int64_t base = kDecodeMatsPerLayer * l;
+    T a;
+    if (!delta.defined()) {
+      a = std::get<0>(rms_norm.call(x, nw[kNormAttn], eps, std::nullopt));
+    } else {
+      std::tie(a, x) = rms_norm.call(delta, nw[kNormAttn], eps, x);
+    }
+    auto [x_q, x_scale] = quant_multi.call(a, nw.slice(0, kNormI, kNormG + 1), eps);
+    const std::vector<T> w3(ws.begin() + base, ws.begin() + base + 3);
+    const T ifg = grouped.call(x_q, x_scale, packed.slice(base, 3), w3, dtype);
+    const Opt lb = l > 0 ? Opt(lower_bounds[l]) : std::nullopt;
+    auto [h, h_last] = scan.call(ifg[0], ifg[1], lb, Opt(state[l]), std::nullopt, std::nullopt);
+    auto [o_q, o_scale] = gate_quant.call(ifg[2], h, nw[kNormGateOut], eps, nw[kNormO], eps);
+    const T attn = matmul.call(o_q, o_scale, packed[base + kMatO], ws[base + kMatO], dtype);
+    T m;
+    std::tie(m, x) = rms_norm.call(attn, nw[kNormMlp], eps, x);
+    const T u = linear.call(m, packed[base + kMatGate], ws[base + kMatGate], nw[kNormGateProj], eps);
+    const T t = at::silu(u.narrow(-1, 0, inter)) * u.narrow(-1, inter, inter);
+    delta = linear.call(t, packed[base + kMatDown], ws[base + kMatDown], down_norms[l], eps);
+    state[l].copy_(h_last);
+  }
+  const T xn = std::get<0>(rms_norm.call(delta.contiguous(), final_norms[0], eps, x.contiguous()));
+  auto [q, s] = quant.call(xn, final_norms[1], eps);
+  return matmul.call(q, s, packed[packed.size() - 1], ws.back(), dtype).select(1, 0);
 }
 
 at::Tensor decode_step_cuda(const at::Tensor& tokens, const at::Tensor& state, const at::Tensor& embeddings,
@@ -155,8 +218,10 @@ at::Tensor decode_step_cuda(const at::Tensor& tokens, const at::Tensor& state, c
   p.final_norms = final_norms.data_ptr();
   p.eps = static_cast<float>(eps);
   p.logits = logits.data_ptr();
-  const char* why = cuda::decode_step_unsupported(p);
-  TORCH_CHECK(why == nullptr, "mmfree: decode_step on CUDA does not support this model: ", why);
+  if (cuda::decode_step_unsupported(p) != nullptr) {
+    return op_by_op_step(tokens, state, embeddings, lower_bounds, norms_in, down_norms_in, packed_in, w_scales,
+                         final_norms_in, eps, inter);
+  }
   at::Tensor workspace =
       at::empty({static_cast<int64_t>(cuda::decode_step_workspace_bytes(p))}, embeddings.options().dtype(at::kByte));
   MMFREE_CUDA_CHECK(cuda::decode_step(p, workspace.data_ptr(), current_stream(embeddings)));
