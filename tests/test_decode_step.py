@@ -198,3 +198,26 @@ def test_decode_step_bad_input() -> None:
         )
     with pytest.raises(ValueError, match="packed model"):
         DecodeWeights.from_model(MMfreeLMForCausalLM(TINY))
+
+
+@pytest.mark.cuda
+def test_decode_step_bad_input_cuda() -> None:
+    """The CUDA implementation's checks name the argument, as check_decode_args does."""
+    model = _packed_model("cuda", torch.float32)
+    w = decode_weights(model)
+    state = torch.zeros(3, 2, 96, device="cuda")
+    tokens = torch.tensor([0, 1], device="cuda")
+    args = [w.embeddings, w.lower_bounds, w.norms, w.down_norms, w.packed, w.w_scales, w.final_norms, w.eps]
+    op = torch.ops.mmfree.decode_step
+    with pytest.raises(RuntimeError, match=r"'tokens' must be int64 \[B\], got torch.int32 of shape \(2,\)"):
+        op(tokens.int(), state, *args)
+    with pytest.raises(RuntimeError, match=r"'state' must be float32 \[L, B=2, h=96\]"):
+        op(tokens, torch.zeros(3, 3, 96, device="cuda"), *args)
+    with pytest.raises(RuntimeError, match="'packed' must hold"):
+        op(tokens, state, *args[:4], w.packed[:-1], *args[5:])
+    bad = list(w.packed)
+    bad[4] = bad[5]
+    with pytest.raises(RuntimeError, match=r"'packed\[4\]' must be uint8"):
+        op(tokens, state, *args[:4], bad, *args[5:])
+    with pytest.raises(RuntimeError, match="'lower_bounds' must be on"):
+        op(tokens, state, w.embeddings, w.lower_bounds.cpu(), *args[2:])
