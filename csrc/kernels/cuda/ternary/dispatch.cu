@@ -58,7 +58,6 @@ cudaError_t ternary_matmul(const TernaryMatmulParams& p, cudaStream_t stream, Te
   // The fast kernels read weights 16 bytes at a time; every row starts 16-byte aligned
   // when the tensor does (row_bytes is a multiple of 32).
   if (reinterpret_cast<uintptr_t>(p.packed) % 16 != 0) return launch_simple(p, stream);
-  if (p.M <= kGemvV2MaxRows && p.M < kGemmMinRows) return launch_gemv_v2(p, stream);
   if (p.M < kGemmMinRows) return launch_gemv(p, stream);
   return launch_prefill(p, stream, impl);
 }
