@@ -66,8 +66,15 @@ py::dict cpu_features() {
   d["avx512_vnni"] = f.avx512vnni;
   d["avx512_bf16"] = f.avx512bf16;
   d["avx_vnni"] = f.avxvnni;
+  d["amx_tile"] = f.amx_tile;
+  d["amx_int8"] = f.amx_int8;
+  d["amx_bf16"] = f.amx_bf16;
   d["best_isa"] = mmfree::cpu::isa_name(mmfree::cpu::best_isa());
   d["active_isa"] = mmfree::cpu::isa_name(mmfree::cpu::active_isa());
+  d["ext_cap"] = mmfree::cpu::ext_name(mmfree::cpu::ext_cap());
+  d["use_vnni512"] = mmfree::cpu::use_vnni512();
+  d["use_vnni256"] = mmfree::cpu::use_vnni256();
+  d["use_amx_int8"] = mmfree::cpu::use_amx_int8();
   return d;
 }
 
@@ -77,6 +84,14 @@ void set_cpu_isa(const std::string& name) {
     throw py::value_error("mmfree: cpu isa must be one of 'scalar', 'avx2', 'avx512', got '" + name + "'");
   }
   mmfree::cpu::set_isa_cap(isa);
+}
+
+void set_cpu_ext(const std::string& name) {
+  mmfree::cpu::Ext ext;
+  if (!mmfree::cpu::parse_ext(name, &ext)) {
+    throw py::value_error("mmfree: cpu extension cap must be one of 'none', 'vnni', 'amx', got '" + name + "'");
+  }
+  mmfree::cpu::set_ext_cap(ext);
 }
 
 }  // namespace
@@ -90,4 +105,8 @@ PYBIND11_MODULE(_C, m) {
         "Cap the CPU kernel path ('scalar', 'avx2', 'avx512'); the best supported path below the cap is used.");
   m.def("cpu_isa", []() { return std::string(mmfree::cpu::isa_name(mmfree::cpu::active_isa())); },
         "The CPU kernel path in use.");
+  m.def("set_cpu_ext", &set_cpu_ext,
+        "Cap the instruction-set extensions the CPU kernels use ('none', 'vnni', 'amx'), below the ISA cap.");
+  m.def("cpu_ext", []() { return std::string(mmfree::cpu::ext_name(mmfree::cpu::ext_cap())); },
+        "The extension cap in use.");
 }
