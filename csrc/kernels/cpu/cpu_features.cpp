@@ -186,6 +186,9 @@ bool use_vnni256() {
 }
 
 bool use_amx_int8() {
+#if !defined(MMFREE_HAVE_AMX_KERNELS)
+  return false;
+#endif
   const CpuFeatures& f = cpu_features();
   return active_isa() == Isa::kAvx512 && ext_cap() >= Ext::kAmx && f.amx_tile && f.amx_int8 && amx_permitted();
 }

@@ -84,6 +84,9 @@ RowsPlan plan_rows(int64_t m) {
 #if defined(MMFREE_HAVE_AVX512_KERNELS)
   if (isa == Isa::kAvx512) {
     if (m < kGemvMaxM && use_vnni512()) return {&gemv_rows_avx512, XLayout::kGemv512};
+#if defined(MMFREE_HAVE_AMX_KERNELS)
+    if (m >= kAmxMinM && use_amx_int8()) return {&matmul_rows_amx, XLayout::kAmx};
+#endif
     return {&matmul_rows_avx512, XLayout::kPadded};
   }
 #endif
@@ -140,6 +143,29 @@ void ternary_matmul(const TernaryMatmulParams& p) {
   row_sum.resize(static_cast<size_t>(p.M));
   const bool in_place = plan.layout == XLayout::kPadded && kp == p.K;
   PreparedX px{p.x_q, p.x_row_stride, kp, row_sum.data()};
+  if (plan.layout == XLayout::kAmx) {
+#if defined(MMFREE_HAVE_AMX_KERNELS)
+    const int64_t mpad = (p.M + 31) / 32 * 32;
+    std::vector<int8_t> xv(static_cast<size_t>(amx_x_bytes(p.M, kp) + 64));
+    int8_t* base = xv.data() + ((64 - reinterpret_cast<uintptr_t>(xv.data()) % 64) % 64);
+    int32_t* sums = row_sum.data();
+    parallel_for(0, mpad, std::max<int64_t>(16, 65536 / kp), [&](int64_t m0, int64_t m1) {
+      amx_prepare_x(p.x_q, p.x_row_stride, p.M, p.K, kp, m0, m1, base);
+      for (int64_t m = m0; m < std::min(m1, p.M); ++m) {
+        const int8_t* src = p.x_q + m * p.x_row_stride;
+        int32_t s = 0;
+        for (int64_t k = 0; k < p.K; ++k) s += src[k];
+        sums[m] = s;
+      }
+    });
+    const PreparedX pa{base, kp, kp, sums};
+    // Blocks of 32 weight rows per task (the AMX tile block).
+    parallel_for(0, (p.N + 31) / 32, 4, [&](int64_t t0, int64_t t1) {
+      matmul_rows_amx(p, pa, t0 * 32, std::min(p.N, t1 * 32));
+    });
+    return;
+#endif
+  }
   if (!in_place) {
     if (xbuf.size() < x_bytes) xbuf.resize(x_bytes);
     int8_t* base = xbuf.data() + ((64 - reinterpret_cast<uintptr_t>(xbuf.data()) % 64) % 64);
