@@ -88,3 +88,8 @@ def test_decode_step_cpu_noncontiguous_norms() -> None:
     after = torch.ops.mmfree.decode_step(tok, state.clone(), w.embeddings, w.lower_bounds, norms, *args[2:])
     fresh = torch.ops.mmfree.decode_step(tok, state.clone(), w.embeddings, w.lower_bounds, norms.clone(), *args[2:])
     assert torch.equal(before, ref) and torch.equal(after, fresh) and not torch.equal(after, before)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_decode_step_cpu_fp16(threads: int, batch: int) -> None:
+    _check_steps(_packed_model("cpu", torch.float16), batch, steps=2)
