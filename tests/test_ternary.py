@@ -19,12 +19,26 @@ from mmfree_ext import reference as ref
 from mmfree_ext.nn import BitLinear, PackedBitLinear
 
 _ISA_ORDER = ["scalar", "avx2", "avx512"]
-_BEST_ISA = mmfree_ext.cpu_features()["best_isa"]
+_FEATURES = mmfree_ext.cpu_features()
+_BEST_ISA = _FEATURES["best_isa"]
+
+
+def _path_supported(isa: str, ext: str) -> bool:
+    if _ISA_ORDER.index(isa) > _ISA_ORDER.index(_BEST_ISA):
+        return False
+    if ext == "vnni":
+        return _FEATURES["avx512_vnni"] if isa == "avx512" else _FEATURES["avx_vnni"]
+    if ext == "amx":
+        return isa == "avx512" and _FEATURES["amx_int8"]
+    return True
+
+
+# Every kernel path: ISA cap x extension cap ("none" = the vpmaddubsw bodies, "vnni" =
+# vpdpbusd, "amx" = AMX-INT8 tiles for the larger products).
+_PATHS = ["scalar:none", "avx2:none", "avx2:vnni", "avx512:none", "avx512:vnni", "avx512:amx"]
 ISAS = [
-    pytest.param(
-        isa, marks=pytest.mark.skipif(_ISA_ORDER.index(isa) > _ISA_ORDER.index(_BEST_ISA), reason="CPU lacks it")
-    )
-    for isa in _ISA_ORDER
+    pytest.param(path, marks=pytest.mark.skipif(not _path_supported(*path.split(":")), reason="CPU lacks it"))
+    for path in _PATHS
 ]
 HAS_NORM_OP = hasattr(torch.ops.mmfree, "rms_norm_quant")
 needs_norm = pytest.mark.skipif(not HAS_NORM_OP, reason="mmfree::rms_norm_quant (norm branch) is not in this build")
@@ -32,11 +46,17 @@ needs_norm = pytest.mark.skipif(not HAS_NORM_OP, reason="mmfree::rms_norm_quant 
 
 @pytest.fixture
 def isa(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Caps the CPU kernel path for one test, then restores the best one."""
-    mmfree_ext.set_cpu_isa(request.param)
-    assert mmfree_ext.cpu_isa() == request.param
+    """Caps the CPU kernel path ("isa:ext") for one test, then restores the best one."""
+    isa_name, ext = request.param.split(":")
+    mmfree_ext.set_cpu_isa(isa_name)
+    mmfree_ext.set_cpu_ext(ext)
+    assert mmfree_ext.cpu_isa() == isa_name
+    features = mmfree_ext.cpu_features()
+    if ext == "vnni":
+        assert features["use_vnni512"] if isa_name == "avx512" else features["use_vnni256"]
     yield request.param
     mmfree_ext.set_cpu_isa(_BEST_ISA)
+    mmfree_ext.set_cpu_ext("amx")
 
 
 def _random_case(m: int, k: int, n: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

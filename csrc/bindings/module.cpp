@@ -23,6 +23,31 @@ void torch_parallel_backend(int64_t begin, int64_t end, int64_t grain, mmfree::c
 
 int torch_thread_count() { return at::get_num_threads(); }
 
+// A team over torch's threads: one at::parallel_for over T = at::get_num_threads() indices
+// with grain 1. With OpenMP every index is a thread of one `omp parallel` team, all running
+// at once. If the team got fewer threads than T, invocations hold chunks of several indices
+// (ATen gives thread j the chunk starting at j * chunk): the participants are then the
+// invocations, and the one holding index 0 publishes the chunk length so every invocation
+// knows its id and the count. Other backends (TBB, native pool) do not promise that tasks
+// run at the same time, so they get a team of one.
+void torch_team_backend(mmfree::cpu::TeamFn fn, void* ctx) {
+  const int64_t total = at::get_num_threads();
+#if AT_PARALLEL_OPENMP
+  if (total > 1 && !at::in_parallel_region()) {
+    int64_t chunk = 0;  // set by the invocation holding index 0
+    at::parallel_for(0, total, 1, [&](int64_t b, int64_t e) {
+      if (b == 0) __atomic_store_n(&chunk, e, __ATOMIC_RELEASE);
+      int64_t c;
+      while ((c = __atomic_load_n(&chunk, __ATOMIC_ACQUIRE)) == 0) {
+      }
+      fn(ctx, static_cast<int>(b / c), static_cast<int>((total + c - 1) / c));
+    });
+    return;
+  }
+#endif
+  fn(ctx, 0, 1);
+}
+
 py::dict build_info() {
   py::dict d;
   d["torch_version"] = MMFREE_BUILD_TORCH_VERSION;
@@ -66,8 +91,15 @@ py::dict cpu_features() {
   d["avx512_vnni"] = f.avx512vnni;
   d["avx512_bf16"] = f.avx512bf16;
   d["avx_vnni"] = f.avxvnni;
+  d["amx_tile"] = f.amx_tile;
+  d["amx_int8"] = f.amx_int8;
+  d["amx_bf16"] = f.amx_bf16;
   d["best_isa"] = mmfree::cpu::isa_name(mmfree::cpu::best_isa());
   d["active_isa"] = mmfree::cpu::isa_name(mmfree::cpu::active_isa());
+  d["ext_cap"] = mmfree::cpu::ext_name(mmfree::cpu::ext_cap());
+  d["use_vnni512"] = mmfree::cpu::use_vnni512();
+  d["use_vnni256"] = mmfree::cpu::use_vnni256();
+  d["use_amx_int8"] = mmfree::cpu::use_amx_int8();
   return d;
 }
 
@@ -79,15 +111,28 @@ void set_cpu_isa(const std::string& name) {
   mmfree::cpu::set_isa_cap(isa);
 }
 
+void set_cpu_ext(const std::string& name) {
+  mmfree::cpu::Ext ext;
+  if (!mmfree::cpu::parse_ext(name, &ext)) {
+    throw py::value_error("mmfree: cpu extension cap must be one of 'none', 'vnni', 'amx', got '" + name + "'");
+  }
+  mmfree::cpu::set_ext_cap(ext);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mmfree-ext native module: registers torch.ops.mmfree.* on import";
   mmfree::cpu::set_parallel_backend(&torch_parallel_backend, &torch_thread_count);
+  mmfree::cpu::set_team_backend(&torch_team_backend);
   m.def("build_info", &build_info, "What this build was compiled with (torch, CUDA archs, CPU ISA paths).");
   m.def("cpu_features", &cpu_features, "What this CPU supports at run time, and the kernel path in use.");
   m.def("set_cpu_isa", &set_cpu_isa,
         "Cap the CPU kernel path ('scalar', 'avx2', 'avx512'); the best supported path below the cap is used.");
   m.def("cpu_isa", []() { return std::string(mmfree::cpu::isa_name(mmfree::cpu::active_isa())); },
         "The CPU kernel path in use.");
+  m.def("set_cpu_ext", &set_cpu_ext,
+        "Cap the instruction-set extensions the CPU kernels use ('none', 'vnni', 'amx'), below the ISA cap.");
+  m.def("cpu_ext", []() { return std::string(mmfree::cpu::ext_name(mmfree::cpu::ext_cap())); },
+        "The extension cap in use.");
 }

@@ -33,6 +33,18 @@ def cpu_isa() -> str:
     return str(_C.cpu_isa())
 
 
+def set_cpu_ext(name: str) -> None:
+    """Cap the CPU instruction-set extensions at 'none' (no vpdpbusd), 'vnni' or 'amx' (the
+    default: everything the CPU has). Independent of :func:`set_cpu_isa`; tests use both to
+    run every kernel path on one machine."""
+    _C.set_cpu_ext(name)
+
+
+def cpu_ext() -> str:
+    """The CPU extension cap in use ('none', 'vnni' or 'amx')."""
+    return str(_C.cpu_ext())
+
+
 def cuda_available() -> bool:
     """True when this build has CUDA kernels and torch sees a CUDA device."""
     return bool(_C.build_info()["cuda"]) and torch.cuda.is_available()
