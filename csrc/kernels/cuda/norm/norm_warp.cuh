@@ -127,13 +127,13 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32)
                 load_weights<TW, N>(w + (p0 + pp) * k + vi * N, wf);
               }
 #pragma unroll
-              for (int i = 0; i < N; ++i) amax[pp] = fmaxf(amax[pp], fabsf((f[i] * rstd) * wf[i]));
+              for (int i = 0; i < N; ++i) amax[pp] = amax_fold(amax[pp], ((f[i] * rstd) * wf[i]));
             }
           }
         }
       }
 #pragma unroll
-      for (int pp = 0; pp < kMaxFusedWeights; ++pp) amax[pp] = fmaxf(warp_max(amax[pp]), 1e-5f);
+      for (int pp = 0; pp < kMaxFusedWeights; ++pp) amax[pp] = amax_final(warp_max(amax[pp]));
 #pragma unroll
       for (int pp = 0; pp < kMaxFusedWeights; ++pp) {
         const int64_t pw = p0 + pp;
@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                 load_weights<TW, N>(w + (p0 + pp) * k + vi * N, wf);
               }
 #pragma unroll
-              for (int i = 0; i < N; ++i) amax[pp] = fmaxf(amax[pp], fabsf((f[i] * rstd) * wf[i]));
+              for (int i = 0; i < N; ++i) amax[pp] = amax_fold(amax[pp], ((f[i] * rstd) * wf[i]));
             }
           }
         }
@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       for (int pp = 0; pp < kMaxFusedWeights; ++pp) {
         float t = smax[pp][0];
         for (int wi = 1; wi < nwarps; ++wi) t = fmaxf(t, smax[pp][wi]);
-        amax[pp] = fmaxf(t, 1e-5f);
+        amax[pp] = amax_final(t);
       }
 #pragma unroll
       for (int pp = 0; pp < kMaxFusedWeights; ++pp) {
@@ -343,10 +343,10 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32)
         unpack<T, N>(rg[c], f);
         unpack_weight_words<T, TW>(wraw[c], wf);
 #pragma unroll
-        for (int i = 0; i < N; ++i) amax = fmaxf(amax, fabsf((f[i] * rstd2) * wf[i]));
+        for (int i = 0; i < N; ++i) amax = amax_fold(amax, ((f[i] * rstd2) * wf[i]));
       }
     }
-    amax = fmaxf(warp_max(amax), 1e-5f);
+    amax = amax_final(warp_max(amax));
     const float s = 127.0f / amax;
 #pragma unroll
     for (int c = 0; c < C; ++c) {
