@@ -184,7 +184,8 @@ def ternarize(weight: Tensor) -> tuple[Tensor, Tensor]:
     the dequantization multiplier ``max(mean|W|, 1e-5)``).
     """
     wf = weight.float()
-    w_scale = wf.abs().mean().clamp(min=SCALE_MIN)
+    # An empty weight has mean|W| = 0 (not torch's NaN mean of nothing): scale 1e-5.
+    w_scale = (wf.abs().mean() if wf.numel() else wf.new_zeros(())).clamp(min=SCALE_MIN)
     s_w = 1.0 / w_scale  # fp32 reciprocal, then multiply (not a division by w_scale)
     w_q = round_half_away(wf * s_w).clamp(-1, 1).to(torch.int8)
     return w_q, w_scale
