@@ -343,6 +343,8 @@ def _scan_fp32(f: Tensor, c: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
     for t in range(f.shape[1]):
         h = f[:, t] * h + c[:, t]
         outs.append(h)
+    if not outs:  # T = 0: no steps, the state passes through
+        return f.new_empty(f.shape), h
     return torch.stack(outs, dim=1), h
 
 
