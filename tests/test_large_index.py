@@ -159,8 +159,10 @@ def test_cuda_rms_norm_backward_past_2g_elements() -> None:
 
 
 @pytest.mark.cuda
-def test_cuda_ternary_matmul_t_past_2g_elements() -> None:
+@pytest.mark.parametrize("impl", ["panels", "mma"])
+def test_cuda_ternary_matmul_t_past_2g_elements(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
     _need_cuda_memory(12)
+    monkeypatch.setenv("MMFREE_TERNARY_T_CUDA", impl)
     k, n = 4096, 16
     m = BIG // k + 4
     grad = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
