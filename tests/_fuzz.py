@@ -23,11 +23,10 @@ import collections
 import os
 from collections.abc import Callable, Sequence
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-
-import mmfree_ext
 
 _COMMON = {
     "deadline": None,  # timings on a shared 2-core machine are noise
@@ -53,7 +52,8 @@ NON_FLOATS = (torch.int8, torch.int32, torch.uint8, torch.bool)
 #: Profile multipliers of each test's base budget (see conftest.py).
 _FACTOR = {"ci": 1, "gpu": 10, "explore": 100}[PROFILE]
 
-DEVICES = ["cpu"] + (["cuda"] if mmfree_ext.cuda_available() else [])
+#: cpu, and cuda marked `cuda` (skipped where this build or machine has no CUDA device).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def budget(n: int) -> settings:

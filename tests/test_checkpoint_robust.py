@@ -84,7 +84,7 @@ def test_pickle_where_safetensors_is_promised(tmp_path) -> None:
 
 
 def test_corrupt_bin_and_non_state_dict(tmp_path) -> None:
-    path, model = _saved(tmp_path)
+    path, _ = _saved(tmp_path)
     os.remove(os.path.join(path, "model.safetensors"))
     binf = os.path.join(path, "pytorch_model.bin")
     with open(binf, "wb") as fh:
@@ -164,7 +164,7 @@ def test_config_that_does_not_match_the_tensors(tmp_path) -> None:
 
 def test_save_refuses_a_folder_with_another_layout(tmp_path) -> None:
     """An old index would shadow the new model.safetensors: refused, nothing overwritten."""
-    path, model = _saved(tmp_path)
+    path, _ = _saved(tmp_path)
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
         json.dump({"weight_map": {}}, fh)
     before = os.path.getmtime(os.path.join(path, "model.safetensors"))

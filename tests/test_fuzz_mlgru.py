@@ -114,6 +114,7 @@ def test_fuzz_mlgru_scan_backward(device: str, c: dict) -> None:
     dh = torch.randn(i.shape, generator=g).to(i.dtype)
     n_seq = len(c["cu"]) - 1 if c["cu"] is not None else c["b"]
     dl = torch.randn(n_seq, c["d"], generator=g, dtype=torch.float64)
+
     def grads(outs, douts, leaves):
         """Gradients of the leaves (zeros where nothing depends on them: empty inputs)."""
         pairs = [(o, g) for o, g in zip(outs, douts, strict=True) if o.requires_grad]
