@@ -20,7 +20,7 @@ env: $(PYTHON)
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
-	$(VENV)/bin/pip install "$(TORCH_SPEC)" numpy pytest safetensors ruff \
+	$(VENV)/bin/pip install "$(TORCH_SPEC)" numpy pytest hypothesis safetensors ruff \
 		"scikit-build-core>=0.10" pybind11 ninja "cmake>=3.25"
 
 # In-place build: the extension lands in python/mmfree_ext/, used with PYTHONPATH=python.
