@@ -128,3 +128,29 @@ def test_scan_with_no_steps_matches_reference(device: str) -> None:
     h_ref, last_ref = ref.mlgru_scan(i.cpu(), i.cpu(), None, h0.cpu())
     assert h.shape == h_ref.shape == (2, 0, 5)
     assert torch.equal(h_last.cpu(), last_ref) and torch.equal(last_ref, h0.cpu())
+
+
+def test_silu_of_huge_negative_is_zero_cpu_isas(isa: str) -> None:
+    """Regression: past the exp clamp sigmoid stayed at exp(-88.3), so silu(-1e30) was
+    -1e30 * 5e-39 = -5e-9 (and times an inf weight -inf, not the reference's NaN)."""
+    g = torch.ones(1, 3)
+    h = torch.tensor([[-1e30, -100.0, -88.0]])
+    y = mmfree_ext.rms_norm_swish_gate(g, h, torch.ones(3))
+    y_ref = ref.rms_norm_swish_gate(g, h, torch.ones(3))
+    assert y[0, 0].item() == 0.0 and abs(y[0, 1].item()) < 1e-38
+    assert y[0, 2].item() == pytest.approx(y_ref[0, 2].item(), rel=1e-5)
+    y_inf = mmfree_ext.rms_norm_swish_gate(g, h, torch.tensor([float("inf")] * 3))
+    assert torch.isnan(y_inf[0, 0]) and torch.isnan(ref.rms_norm_swish_gate(g, h, torch.full((3,), INF))[0, 0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scan_of_infinite_inputs_matches_reference(device: str) -> None:
+    """Regression (CPU): silu(-inf) in the scan was -inf (clamped exp), the reference NaN;
+    silu(-1e30) was -1e30 * exp(-88), the reference -0."""
+    i = torch.tensor([INF, -INF, -1e30, 3.0], device=device).view(4, 1, 1)
+    f = torch.zeros(4, 1, 1, device=device)
+    h, h_last = mmfree_ext.mlgru_scan(i, f)
+    h_ref, last_ref = ref.mlgru_scan(i.cpu(), f.cpu())
+    assert torch.equal(h.cpu().isnan(), h_ref.isnan()) and torch.equal(h.cpu().isinf(), h_ref.isinf())
+    assert h[2].item() == 0.0
+    assert h[3].item() == pytest.approx(h_ref[3].item(), rel=1e-6)

@@ -157,10 +157,12 @@ template <class VT>
 MMFREE_NORM_INLINE typename VT::V silu(typename VT::V h) {
   using V = typename VT::V;
   const V nh = VT::sub(VT::zero(), h);
-  // exp_approx clamps its input; add back what lies past the clamp (exactly 0 below it) so
-  // that h = -inf gets exp = inf and silu = -inf * 0 = NaN, as the reference's expf gives.
+  // exp_approx clamps its input; scale by 1 + what lies past the clamp (exactly 1 below it)
+  // so that exp overflows to inf from -h ~ 89 on, as expf does at 88.7: silu(-inf) = -inf * 0
+  // = NaN and silu(-1e30) = -0 as in the reference (not -inf and -1e30 * exp(-88.3)).
   const V top = VT::set1(88.3f);
-  const V e = VT::add(exp_approx<VT>(nh), VT::sub(VT::max(nh, top), top));
+  const V over = VT::add(VT::set1(1.0f), VT::sub(VT::max(nh, top), top));
+  const V e = VT::mul(exp_approx<VT>(nh), over);
   return VT::mul(h, VT::div(VT::set1(1.0f), VT::add(VT::set1(1.0f), e)));
 }
 
