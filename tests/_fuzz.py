@@ -5,7 +5,7 @@ Hypothesis profiles (pick with ``MMFREE_FUZZ_PROFILE``):
 * ``ci`` (default): a fixed budget that fits CI (2 cores, about 2-3 minutes for all fuzz
   files), derandomized so every run draws the same cases; a failure prints the falsifying
   example and an ``@reproduce_failure`` blob that replays it.
-* ``gpu``: ten times the examples, fresh random cases each run, for the GPU machine
+* ``gpu``: five times the examples, fresh random cases each run, for the GPU machine
   (a failure prints the example and its blob; ``--hypothesis-seed=N`` replays a whole run).
 * ``explore``: a hundred times the examples, random, for a long local run.
 
@@ -50,7 +50,7 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 NON_FLOATS = (torch.int8, torch.int32, torch.uint8, torch.bool)
 
 #: Profile multipliers of each test's base budget (see conftest.py).
-_FACTOR = {"ci": 1, "gpu": 10, "explore": 100}[PROFILE]
+_FACTOR = {"ci": 1, "gpu": 5, "explore": 100}[PROFILE]
 
 #: cpu, and cuda marked `cuda` (skipped where this build or machine has no CUDA device).
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
