@@ -201,7 +201,8 @@ def assert_within_torch_error(
     base_err = base_err[base_err.isfinite()].max().item() if bool(base_err.isfinite().any()) else 0.0
     eps = torch.finfo(eps_dtype or out.dtype).eps
     tiny = torch.finfo(eps_dtype or out.dtype).tiny
-    bound = mult * base_err + ulps * eps * t.abs() + tiny + floor_ulps * eps * max(1.0, floor_scale, t.abs().max().item())
+    floor = floor_ulps * eps * max(1.0, floor_scale, t.abs().max().item())
+    bound = mult * base_err + ulps * eps * t.abs() + tiny + floor
     err = (o - t).abs()
     bad = ~(err <= bound)
     assert not bool(bad.any()), (

@@ -152,6 +152,7 @@ def test_scan_of_infinite_inputs_matches_reference(device: str) -> None:
     h, h_last = mmfree_ext.mlgru_scan(i, f)
     h_ref, last_ref = ref.mlgru_scan(i.cpu(), f.cpu())
     assert torch.equal(h.cpu().isnan(), h_ref.isnan()) and torch.equal(h.cpu().isinf(), h_ref.isinf())
+    assert torch.equal(h_last.cpu().isnan(), last_ref.isnan())
     assert h[2].item() == 0.0
     assert h[3].item() == pytest.approx(h_ref[3].item(), rel=1e-6)
 
