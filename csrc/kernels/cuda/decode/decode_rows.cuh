@@ -82,10 +82,10 @@ __device__ void quant_row(const uint4* sa, const RowShape& r, float eps, const v
         norm::unpack<T, N>(sa[vi], f);
         load_w<T, N>(wr, wf32, vi * N, wf);
 #pragma unroll
-        for (int i = 0; i < N; ++i) amax = fmaxf(amax, fabsf((f[i] * rstd) * wf[i]));
+        for (int i = 0; i < N; ++i) amax = norm::amax_fold(amax, (f[i] * rstd) * wf[i]);  // NaN-sticky
       }
     }
-    amax = fmaxf(norm::block_max(amax, red), 1e-5f);
+    amax = norm::amax_final(norm::block_max(amax, red));  // NaN/inf row: codes 0, scale NaN
     const float s = 127.0f / amax;
     int8_t* qr = codes + pw * code_step;
     int csum = 0;
