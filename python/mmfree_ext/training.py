@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._progress import progress_bar
@@ -23,9 +22,12 @@ __all__ = ["TrainResult", "lm_loss", "train_for"]
 
 
 def lm_loss(model: MMfreeLMForCausalLM, batch: Tensor) -> Tensor:
-    """Next-token cross entropy of ``batch [B, T+1]`` (inputs ``[:, :-1]``, targets ``[:, 1:]``)."""
-    logits = model(batch[:, :-1]).logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    """Next-token cross entropy of ``batch [B, T+1]`` (inputs ``[:, :-1]``, targets ``[:, 1:]``).
+
+    Latent models form it with the fused lm_head + cross-entropy op (no [B*T, V] logits);
+    packed ones from their logits.
+    """
+    return model(batch[:, :-1], labels=batch[:, 1:], shift_labels=False).loss
 
 
 @dataclass

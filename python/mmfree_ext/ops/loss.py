@@ -73,7 +73,9 @@ def ternary_linear_cross_entropy(
 # ---- argument checks (shared by the implementation and the fake kernel) --------------------
 
 
-def _check_args(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, labels: torch.Tensor, chunk_rows: int):
+def _check_args(
+    x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, labels: torch.Tensor, chunk_rows: int
+):
     torch._check(x.dtype in _FLOATS, lambda: f"mmfree: argument 'x' must be a floating tensor, got {x.dtype}")
     torch._check(x.dim() == 2, lambda: f"mmfree: argument 'x' must be 2-D [M, K], got shape {tuple(x.shape)}")
     k = x.shape[1]
