@@ -31,14 +31,15 @@ import torch
 __all__ = ["default_chunk_rows", "ternary_linear_cross_entropy"]
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-#: Logits per chunk (rows * V) when chunk_rows is 0: 2**26 elements, 256 MiB as fp32.
-_CHUNK_ELEMENTS = 1 << 26
+#: Logits per chunk (rows * V) when chunk_rows is 0: 2**25 elements, 128 MiB as fp32 (1048 rows
+#: at V = 32000: 8 chunks for 8192 rows, each still a GEMM of ~86 GFLOP at K = 2560).
+_CHUNK_ELEMENTS = 1 << 25
 #: torch.mm(a, b, out_dtype=torch.float32) (16-bit operands, fp32 result) exists on CUDA.
 _HAS_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
 
 def default_chunk_rows(vocab_size: int) -> int:
-    """Rows per chunk that keep one chunk's fp32 logits near 256 MiB (at least 16 rows)."""
+    """Rows per chunk that keep one chunk's fp32 logits near 128 MiB (at least 16 rows)."""
     return max(16, _CHUNK_ELEMENTS // max(1, vocab_size))
 
 
