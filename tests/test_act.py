@@ -95,3 +95,27 @@ def test_backward_checks_grad_shape_and_dtype():
         torch.ops.mmfree.silu_mul_backward(torch.randn(2, 3), u)
     with pytest.raises(RuntimeError, match="'grad_y' must have dtype"):
         torch.ops.mmfree.silu_mul_backward(torch.randn(2, 4, dtype=torch.float64), u)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_ternary_linear_equals_the_two_ops(device, dtype):
+    from mmfree_ext.ops import silu_mul_ternary_linear, ternary_linear
+
+    u = torch.randn(2, 5, 2 * 72, device=device).to(dtype)
+    w = (torch.randn(40, 72, device=device) * 0.05).to(dtype)
+    nw = (1 + 0.2 * torch.randn(72, device=device)).to(dtype)
+    dy = torch.randn(2, 5, 40, device=device).to(dtype)
+
+    def run(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (u, w, nw)]
+        out = fn(*leaves)
+        out.backward(dy)
+        return [out.detach()] + [t.grad for t in leaves]
+
+    fused = run(lambda a, b, c: silu_mul_ternary_linear(a, b, c, 1e-6))
+    plain = run(lambda a, b, c: ternary_linear(silu_mul(a), b, c, 1e-6))
+    for f, p in zip(fused, plain, strict=True):
+        torch.testing.assert_close(f, p, rtol=0, atol=0)
+    args = (u.requires_grad_(), w.requires_grad_(), nw.requires_grad_(), 1e-6)
+    torch.library.opcheck(torch.ops.mmfree.silu_mul_ternary_linear.default, args)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..ops.glu import silu_mul_ternary_linear
 from ..ops.loss import ternary_linear_cross_entropy
 
 mm = torch.ops.mmfree
@@ -44,6 +45,11 @@ def swish_gate(g: Tensor, h: Tensor, weight: Tensor, eps: float) -> Tensor:
 def silu_mul(u: Tensor) -> Tensor:
     """The GLU's ``silu(u[.., :I]) * u[.., I:]`` in u's dtype, fused, with autograd."""
     return mm.silu_mul(u)
+
+
+def glu_down(u: Tensor, weight: Tensor, norm_weight: Tensor, eps: float) -> Tensor:
+    """down_proj(silu_mul(u)) on latent weights; autograd keeps u, not the [.., I] activation."""
+    return silu_mul_ternary_linear(u, weight, norm_weight, eps)
 
 
 def bit_linear_cross_entropy(x: Tensor, weight: Tensor, norm_weight: Tensor, labels: Tensor, eps: float) -> Tensor:

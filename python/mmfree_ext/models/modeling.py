@@ -118,8 +118,9 @@ class GLU(nn.Module):
     def forward(self, m: Tensor) -> Tensor:
         u = _bit_linear(self.gate_proj, m, self.eps)
         if not _is_packed(self.gate_proj):
-            # Training: one fused op (and its backward) instead of slice, silu, mul.
-            return _bit_linear(self.down_proj, L.silu_mul(u), self.eps)
+            # Training: silu_mul + down_proj as one op (instead of slice, silu, mul, BitLinear)
+            # whose backward recomputes the [.., I] activation from u instead of keeping it.
+            return L.glu_down(u, self.down_proj.weight, self.down_proj.norm.weight, self.eps)
         # Packed path: kept op for op (ops/decode.py's composite mirrors this rounding).
         gate, v = u[..., : self.intermediate_size], u[..., self.intermediate_size :]
         return _bit_linear(self.down_proj, F.silu(gate) * v, self.eps)
