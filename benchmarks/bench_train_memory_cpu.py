@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from mmfree_ext.models import MMfreeLMConfig, MMfreeLMForCausalLM  # noqa: E402
-from mmfree_ext.training import lm_loss  # noqa: E402
+from mmfree_ext.models import MMfreeLMConfig, MMfreeLMForCausalLM
+from mmfree_ext.training import lm_loss
 
 
 def _status_kib(field: str) -> int:

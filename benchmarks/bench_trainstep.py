@@ -23,10 +23,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from common import Case, bench, median_us, print_table, save_json  # noqa: E402
-
-import mmfree_ext  # noqa: E402, F401
-from mmfree_ext.ops import silu_mul, ternary_linear, ternary_linear_cross_entropy  # noqa: E402
+import mmfree_ext  # noqa: F401
+from common import Case, bench, median_us, print_table, save_json
+from mmfree_ext.ops import silu_mul, ternary_linear, ternary_linear_cross_entropy
 
 
 def _loss_inputs(m: int, k: int, v: int, dtype: torch.dtype, device: str):
@@ -62,7 +61,11 @@ def _peak_bytes(step, args, device: str) -> int | None:
 def loss_rows(device: str, m: int, k: int, v: int, dtype: torch.dtype) -> list[dict]:
     args = _loss_inputs(m, k, v, dtype, device)
     out = []
-    for name, step in (("fused ternary_linear_cross_entropy", _fused_step), ("materialized + F.cross_entropy", _materialized_step)):
+    variants = (
+        ("fused ternary_linear_cross_entropy", _fused_step),
+        ("materialized + F.cross_entropy", _materialized_step),
+    )
+    for name, step in variants:
         peak = _peak_bytes(step, args, device)
         us = median_us(lambda step=step: step(*args), device, warmup=2, reps=10)
         out.append({"case": name, "M": m, "K": k, "V": v, "dtype": str(dtype), "ms": us / 1e3,

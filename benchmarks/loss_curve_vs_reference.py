@@ -30,10 +30,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from mmfree_ext._corpus import stdlib_docstrings  # noqa: E402
-from mmfree_ext.models import ByteTokenizer, MMfreeLMConfig, MMfreeLMForCausalLM  # noqa: E402
-from mmfree_ext.reference import ReferenceMMfreeLM  # noqa: E402
-from mmfree_ext.training import lm_loss  # noqa: E402
+from mmfree_ext._corpus import stdlib_docstrings
+from mmfree_ext.models import ByteTokenizer, MMfreeLMConfig, MMfreeLMForCausalLM
+from mmfree_ext.reference import ReferenceMMfreeLM
+from mmfree_ext.training import lm_loss
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 # CPU: short windows, because the reference's per-token scan backs up in O(T^2) (each step's
@@ -110,7 +110,7 @@ def main() -> None:
             model = MMfreeLMForCausalLM(cfg, init_seed=None)
             model.load_state_dict(init)
             model = model.to(a.device, torch.bfloat16)
-            fn = lambda b, m=model: lm_loss(m, b)  # noqa: E731
+            fn = lambda b, m=model: lm_loss(m, b)
         else:
             model = ReferenceMMfreeLM(cfg)
             model.load_state_dict(init)

@@ -47,7 +47,8 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     u, weight, norm_weight = ctx.saved_tensors
     y = torch.ops.mmfree.silu_mul(u)  # recomputed, not saved
-    dy, dweight, dnorm = torch.ops.mmfree.ternary_linear_backward(grad_out.contiguous(), y, weight, norm_weight, ctx.eps)
+    grad_out = grad_out.contiguous()
+    dy, dweight, dnorm = torch.ops.mmfree.ternary_linear_backward(grad_out, y, weight, norm_weight, ctx.eps)
     return torch.ops.mmfree.silu_mul_backward(dy.contiguous(), u), dweight, dnorm, None
 
 
