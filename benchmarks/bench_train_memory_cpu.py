@@ -29,7 +29,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 from mmfree_ext.models import MMfreeLMConfig, MMfreeLMForCausalLM
-from mmfree_ext.training import lm_loss
+
+
+def lm_loss(model: MMfreeLMForCausalLM, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of ``batch [B, T+1]`` through the fused lm_head + cross entropy."""
+    return model(batch[:, :-1], labels=batch[:, 1:], shift_labels=False).loss
 
 
 def _status_kib(field: str) -> int:

@@ -33,13 +33,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 from mmfree_ext._corpus import stdlib_docstrings
 from mmfree_ext.models import ByteTokenizer, MMfreeLMConfig, MMfreeLMForCausalLM
 from mmfree_ext.reference import ReferenceMMfreeLM
-from mmfree_ext.training import lm_loss
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 # CPU: short windows, because the reference's per-token scan backs up in O(T^2) (each step's
 # index backward writes a full [B, T, D] gradient): at T = 64 one reference step takes ~8 s here.
 _SIZES = {"cpu": {"hidden": 64, "layers": 2, "batch": 16, "seq": 16},
           "cuda": {"hidden": 768, "layers": 8, "batch": 32, "seq": 256}}  # fmt: skip
+
+
+def lm_loss(model: MMfreeLMForCausalLM, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of ``batch [B, T+1]`` through the fused lm_head + cross entropy."""
+    return model(batch[:, :-1], labels=batch[:, 1:], shift_labels=False).loss
 
 
 def _batches(data: torch.Tensor, steps: int, batch: int, seq: int, seed: int) -> list[torch.Tensor]:

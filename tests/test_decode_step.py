@@ -79,6 +79,19 @@ def test_decode_step_real_shapes_cuda(hidden: int, inter: int, batch: int) -> No
 
 
 @pytest.mark.cuda
+def test_decode_step_float16_cuda() -> None:
+    _check_steps(_packed_model("cuda", torch.float16), 3)
+
+
+@pytest.mark.cuda
+def test_decode_step_fallback_shapes_cuda() -> None:
+    """h and I that are not multiples of 8 bf16 elements, a batch over one launch's 64 rows:
+    the op-by-op fallback and the batch slicing must match the op-by-op path too."""
+    _check_steps(_packed_model("cuda", torch.bfloat16, hidden_size=100, intermediate_size=260), 3)
+    _check_steps(_packed_model("cuda", torch.bfloat16), 70, steps=2)
+
+
+@pytest.mark.cuda
 def test_decode_step_cuda_graph() -> None:
     model = _packed_model("cuda", torch.bfloat16)
     weights = decode_weights(model)
@@ -185,3 +198,26 @@ def test_decode_step_bad_input() -> None:
         )
     with pytest.raises(ValueError, match="packed model"):
         DecodeWeights.from_model(MMfreeLMForCausalLM(TINY))
+
+
+@pytest.mark.cuda
+def test_decode_step_bad_input_cuda() -> None:
+    """The CUDA implementation's checks name the argument, as check_decode_args does."""
+    model = _packed_model("cuda", torch.float32)
+    w = decode_weights(model)
+    state = torch.zeros(3, 2, 96, device="cuda")
+    tokens = torch.tensor([0, 1], device="cuda")
+    args = [w.embeddings, w.lower_bounds, w.norms, w.down_norms, w.packed, w.w_scales, w.final_norms, w.eps]
+    op = torch.ops.mmfree.decode_step
+    with pytest.raises(RuntimeError, match=r"'tokens' must be int64 \[B\], got torch.int32 of shape \(2,\)"):
+        op(tokens.int(), state, *args)
+    with pytest.raises(RuntimeError, match=r"'state' must be float32 \[L, B=2, h=96\]"):
+        op(tokens, torch.zeros(3, 3, 96, device="cuda"), *args)
+    with pytest.raises(RuntimeError, match="'packed' must hold"):
+        op(tokens, state, *args[:4], w.packed[:-1], *args[5:])
+    bad = list(w.packed)
+    bad[4] = bad[5]
+    with pytest.raises(RuntimeError, match=r"'packed\[4\]' must be uint8"):
+        op(tokens, state, *args[:4], bad, *args[5:])
+    with pytest.raises(RuntimeError, match="'lower_bounds' must be on"):
+        op(tokens, state, w.embeddings, w.lower_bounds.cpu(), *args[2:])

@@ -17,13 +17,18 @@ import torch.nn.functional as F
 from conftest import DEVICES
 from mmfree_ext import reference as ref
 from mmfree_ext.models import MMfreeLMConfig, MMfreeLMForCausalLM
-from mmfree_ext.training import lm_loss
+from mmfree_ext.train import lm_loss_sum
 
 TINY = {"vocab_size": 300, "hidden_size": 96, "num_hidden_layers": 3, "intermediate_size": 200}
 # Relative Frobenius floor for gradients. On CPU the same fp32 statistics give the same codes
 # (measured max 8.5e-7 at this size); CUDA sums in other orders, where an int8 code moved by
 # one changes a few entries (~1e-3).
 GRAD_FLOOR = {"cpu": 1e-4, "cuda": 2e-3}
+
+
+def lm_loss(model: MMfreeLMForCausalLM, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of ``batch [B, T+1]`` through the fused lm_head + cross entropy."""
+    return model(batch[:, :-1], labels=batch[:, 1:], shift_labels=False).loss
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -148,3 +153,19 @@ def test_bf16_training_step_error_is_within_the_bf16_reference_error(device):
         assert p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all(), name
         err, base_err = _rel(p.grad.cpu(), truth[name]), _rel(base[name], truth[name])
         assert err <= 2 * base_err + 2e-2, f"{name}: rel error {err:.3g} vs bf16 reference {base_err:.3g}"
+
+
+def test_trainer_loss_sum_uses_the_fused_loss_and_matches_the_materialized_sum():
+    model = _ours(_reference(), "cpu")
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+    labels = torch.randint(0, TINY["vocab_size"], (2, 9))
+    labels[0, :4] = -100
+    got = lm_loss_sum(model, ids, labels)
+    with torch.no_grad():
+        logits = model(ids).logits
+    want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-4)
+    none = lm_loss_sum(model, ids, torch.full_like(labels, -100))
+    assert float(none) == 0.0
+    none.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
