@@ -213,21 +213,26 @@ def _rms_norm_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     x, weight, eps, residual = inputs
     ctx.eps = eps
     ctx.has_residual = residual is not None
-    # With a residual, keep the one sum residual_out = x + residual (an output that the next
-    # layer holds anyway) instead of both summands: one [.., K] tensor less per norm. It is
-    # the fp32 sum exactly for fp32/fp64 inputs; for 16-bit inputs the backward's statistic is
-    # then taken from the sum rounded to 16 bits (a relative change of one 16-bit ulp).
-    ctx.save_for_backward(output[1] if residual is not None else x, weight)
+    # With a residual, fp32/fp64 inputs keep the one sum residual_out = x + residual (an output
+    # the next layer holds anyway, and exactly the sum the statistic was taken from) instead of
+    # both summands: one [.., K] tensor less per norm. 16-bit inputs keep both summands: the
+    # forward's statistic comes from their fp32 sum, and the 16-bit residual_out would move the
+    # gradient by up to 100x torch's own error (tests/test_fuzz_norm.py caught it).
+    ctx.sum_saved = residual is not None and x.dtype in (torch.float32, torch.float64)
+    if ctx.sum_saved:
+        ctx.save_for_backward(output[1], weight, None)
+    else:
+        ctx.save_for_backward(x, weight, residual)
 
 
 def _rms_norm_backward(
     ctx: Any, grad_y: torch.Tensor | None, grad_residual_out: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, ...]:
-    x, weight = ctx.saved_tensors
+    x, weight, residual = ctx.saved_tensors
     if grad_y is None:
         grad_y = torch.zeros_like(x)
     grad_res = grad_residual_out.contiguous() if grad_residual_out is not None else None
-    dx, dweight = torch.ops.mmfree.rms_norm_backward(grad_y.contiguous(), x, weight, ctx.eps, None, grad_res)
+    dx, dweight = torch.ops.mmfree.rms_norm_backward(grad_y.contiguous(), x, weight, ctx.eps, residual, grad_res)
     # d(x + residual) flows identically into both summands.
     return dx, dweight, None, (dx if ctx.has_residual else None)
 
