@@ -5,6 +5,8 @@ step op by op)."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -90,6 +92,14 @@ def test_decode_step_odd_hidden(monkeypatch: pytest.MonkeyPatch, device: str, pa
     _check_steps(model, 3)
 
 
+@functools.cache
+def _real_shape_model(hidden: int, inter: int) -> MMfreeLMForCausalLM:
+    """Two layers of a real size, built once for every batch and path (building dominates)."""
+    return _packed_model(
+        "cuda", torch.bfloat16, vocab_size=32000, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2
+    )
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("path", CUDA_PATHS)
 @pytest.mark.parametrize(("hidden", "inter"), [(2048, 5632), (2560, 6912)])
@@ -98,10 +108,7 @@ def test_decode_step_real_shapes_cuda(
     monkeypatch: pytest.MonkeyPatch, path: str, hidden: int, inter: int, batch: int
 ) -> None:
     _use_path(monkeypatch, path)
-    model = _packed_model(
-        "cuda", torch.bfloat16, vocab_size=32000, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2
-    )
-    _check_steps(model, batch, steps=2)
+    _check_steps(_real_shape_model(hidden, inter), batch, steps=2)
 
 
 @pytest.mark.cuda

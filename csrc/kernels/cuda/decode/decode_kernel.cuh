@@ -22,8 +22,10 @@ constexpr int64_t kAlign = 256;
 // device's opt-in limit is lower, e.g. 163 KB on the A100).
 constexpr int kSmemBudget = 200 * 1024;
 // The largest batch the v2 kernel (no row phases: every CTA does the row math of every batch
-// row, serially) runs; from the H200 measurements in benchmarks/NOTES.md.
-constexpr int kV2MaxBatch = 8;
+// row, serially) runs; from the H200 measurements in benchmarks/NOTES.md ("v2"): at B = 1 v2
+// beat v1 (2645 vs 2798 us per 1.3B step), at B = 8 it lost 3x (11988 vs 4102 us: eight
+// serial rows per CTA per phase). 1: only the MT = 1 tile is compiled; > 1 adds MT = 8.
+constexpr int kV2MaxBatch = 1;
 
 inline int64_t align_up(int64_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
 
@@ -466,10 +468,14 @@ cudaError_t launch_typed(const KParams& kp, int smem_rows, cudaStream_t stream) 
     return launch<T, MT, true>(kp, static_cast<int>(smem), budget, stream);
   };
   // v2 (no row phases) for batches up to kV2MaxBatch where its shared memory fits; v1 with
-  // the tiles 8 (2..8 rows) and 64 (9..64) otherwise.
+  // the tiles 8 (1..8 rows) and 64 (9..64) otherwise.
   if (kp.B <= kV2MaxBatch) {
-    const cudaError_t err2 =
-        kp.B <= 1 ? go_v2(std::integral_constant<int, 1>{}) : go_v2(std::integral_constant<int, 8>{});
+    cudaError_t err2 = cudaErrorNotSupported;
+    if constexpr (kV2MaxBatch > 1) {
+      err2 = kp.B <= 1 ? go_v2(std::integral_constant<int, 1>{}) : go_v2(std::integral_constant<int, 8>{});
+    } else {
+      err2 = go_v2(std::integral_constant<int, 1>{});
+    }
     if (err2 != cudaErrorNotSupported) return err2;
   }
   if (kp.B <= 8) return go(std::integral_constant<int, 8>{});
