@@ -203,7 +203,9 @@ __device__ void gemv_phase(JobOf job, int njobs, int B, int64_t K, int64_t code_
   for (int q = 0; q < njobs; ++q) {
     const GemvJob jb = job(q);
     const int64_t lo = max(r0, start), hi = min(r1, start + jb.N);
-    if (lo < hi) gemv_rows<MT, T, Pre>(jb, B, K, code_stride, lo - start, hi - start, Pre ? xs + q * planes : xs, slab_blocks);
+    if (lo < hi) {
+      gemv_rows<MT, T, Pre>(jb, B, K, code_stride, lo - start, hi - start, Pre ? xs + q * planes : xs, slab_blocks);
+    }
     start += jb.N;
   }
 }

@@ -200,7 +200,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_step_kernel(const __grid_c
     for (int b = blockIdx.x; b < B; b += gridDim.x) {
       const int64_t o = b * h;
       float* st = p.state + l * p.state_stride + o;
-      mlgru_gate_row<T>(ifg + o, ifg + B * h + o, ifg + 2 * B * h + o, l > 0 ? p.lb + l * h : nullptr, st, st, norm_w(l, kNormGateOut), p.w_f32, rh, p.eps, s0, s1, s2, red);
+      mlgru_gate_row<T>(ifg + o, ifg + B * h + o, ifg + 2 * B * h + o, l > 0 ? p.lb + l * h : nullptr, st, st,
+                        norm_w(l, kNormGateOut), p.w_f32, rh, p.eps, s0, s1, s2, red);
       quant_row<T>(s2, rh, p.eps, norm_w(l, kNormO), p.w_f32, 1, p.codes + b * p.kpad, 0, p.scales + b, p.xsums + b, 0,
                    red);
     }

@@ -19,9 +19,9 @@
 // streaming through the row phases and barriers. Activations live in a small workspace (L2).
 //
 // That is v1 (batches 2..64 now). v2 (decode_kernel.cuh, decode_step_kernel_v2; batches up
-// to kV2MaxBatch = 1, where it measured faster, and where its shared memory fits) has no row phases: every CTA does the row math
-// of every batch row at the start of each product phase, codes straight into its shared
-// memory, so a layer is 4 phases and 4 grid barriers instead of 8.
+// to kV2MaxBatch = 1, where it measured faster, and where its shared memory fits) has no row
+// phases: every CTA does the row math of every batch row at the start of each product phase,
+// codes straight into its shared memory, so a layer is 4 phases and 4 grid barriers, not 8.
 #include <algorithm>
 #include <cstdint>
 
