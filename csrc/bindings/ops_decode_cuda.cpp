@@ -2,11 +2,12 @@
 // csrc/kernels/decode.h): the argument checks of python/mmfree_ext/ops/decode.py's
 // check_decode_args with the same messages, then one persistent kernel per step
 // (csrc/kernels/cuda/decode/decode_step.cu), or, for models that kernel does not take, the
-// same step op by op.
+// same step op by op. MMFREE_DECODE_CUDA picks between the two (decode_path below).
 #if defined(MMFREE_WITH_CUDA)
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -109,6 +110,38 @@ at::Tensor op_by_op_step(const at::Tensor& tokens, const at::Tensor& state, cons
   return matmul.call(q, s, packed[packed.size() - 1], ws.back(), dtype).select(1, 0);
 }
 
+// Which CUDA path runs the step, from MMFREE_DECODE_CUDA: "fused" (the persistent kernel,
+// where it takes the model), "ops" (op_by_op_step), or unset / "auto" (kAutoFusedBatches).
+// Both paths are bit-identical; tests and benchmarks force each with it.
+enum class DecodePath { kAuto, kFused, kOps };
+
+DecodePath decode_path_from_env() {
+  const char* v = std::getenv("MMFREE_DECODE_CUDA");
+  const std::string path = v == nullptr ? "" : v;
+  TORCH_CHECK(path.empty() || path == "auto" || path == "fused" || path == "ops",
+              "mmfree: MMFREE_DECODE_CUDA must be 'auto', 'fused' or 'ops', got '", path, "'");
+  if (path == "fused") return DecodePath::kFused;
+  if (path == "ops") return DecodePath::kOps;
+  return DecodePath::kAuto;
+}
+
+// The auto rule: the batch sizes [lo, hi] on which the fused kernel measured faster than
+// op by op on the H200 (benchmarks/NOTES.md, "Fused decode step"; bench_decode.py with
+// MMFREE_DECODE_CUDA=fused / ops in the same run). Change it from measurements only.
+// Measured v1 (258 grid barriers per step, single-CTA row phases): slower at every
+// batch size, so the table is empty and auto runs op by op everywhere.
+struct BatchRange {
+  int64_t lo, hi;
+};
+constexpr BatchRange kAutoFusedBatches[] = {{0, -1}};  // {0, -1}: no batch size
+
+bool auto_picks_fused(int64_t batch) {
+  for (const BatchRange& r : kAutoFusedBatches) {
+    if (batch >= r.lo && batch <= r.hi) return true;
+  }
+  return false;
+}
+
 at::Tensor decode_step_cuda(const at::Tensor& tokens, const at::Tensor& state, const at::Tensor& embeddings,
                             const at::Tensor& lower_bounds, const at::Tensor& norms_in, const at::Tensor& down_norms_in,
                             at::TensorList packed_in, const at::Tensor& w_scales, const at::Tensor& final_norms_in,
@@ -179,6 +212,7 @@ at::Tensor decode_step_cuda(const at::Tensor& tokens, const at::Tensor& state, c
 
   const at::ScalarType act = embeddings.scalar_type();
   at::Tensor logits = at::empty({batch, vocab}, embeddings.options());
+  const DecodePath path = decode_path_from_env();  // a bad value raises for every batch size
   if (batch == 0) return logits;
   const c10::cuda::CUDAGuard guard(dev);
   // The norm kernels read weights in the activation dtype or fp32; other mixes go through
@@ -218,7 +252,8 @@ at::Tensor decode_step_cuda(const at::Tensor& tokens, const at::Tensor& state, c
   p.final_norms = final_norms.data_ptr();
   p.eps = static_cast<float>(eps);
   p.logits = logits.data_ptr();
-  if (cuda::decode_step_unsupported(p) != nullptr) {
+  const bool fused = path == DecodePath::kFused || (path == DecodePath::kAuto && auto_picks_fused(batch));
+  if (!fused || cuda::decode_step_unsupported(p) != nullptr) {
     return op_by_op_step(tokens, state, embeddings, lower_bounds, norms_in, down_norms_in, packed_in, w_scales,
                          final_norms_in, eps, inter);
   }
