@@ -5,6 +5,7 @@ native schemas and CPU/CUDA kernels are registered by importing mmfree_ext._C.
 """
 
 from .. import _native  # noqa: F401  (registers the native schemas before the fakes below)
+from .bitlinear import bitlinear
 from .decode import decode_step
 from .mlgru import mlgru_scan
 from .norm import (
@@ -24,6 +25,7 @@ from .ternary import (
 )
 
 __all__ = [
+    "bitlinear",
     "decode_step",
     "mlgru_scan",
     "quantize_ternary",

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ._common import check_packed_shape
+from .bitlinear import bitlinear
 
 __all__ = ["ternary_linear", "ternary_linear_packed", "ternary_matmul", "ternary_matmul_grouped", "ternary_matmul_t"]
 
@@ -64,13 +65,23 @@ def ternary_matmul_t(grad: torch.Tensor, packed: torch.Tensor, w_scale: torch.Te
     return torch.ops.mmfree.ternary_matmul_t(grad, packed, w_scale, in_features)
 
 
-def ternary_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def ternary_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float = 1e-6,
+    int8_dx: bool | None = None,
+) -> torch.Tensor:
     """Training BitLinear: RMSNorm -> int8 activations x absmean-ternarized ``weight`` [N, K].
 
     Output ``[..., N]`` in x's dtype; differentiable in ``x``, ``weight`` and ``norm_weight``
-    with the straight-through estimator (SPEC.md section 1).
+    with the straight-through estimator (SPEC.md section 1). Runs
+    :func:`mmfree_ext.ops.bitlinear.bitlinear` (the weight is quantized once per step, the
+    int8 activations are saved for dW); ``int8_dx`` opts into the approximate int8 dX
+    (``None``: ``MMFREE_BITLINEAR_DX``). ``torch.ops.mmfree.ternary_linear`` is the same
+    function with a backward that re-quantizes.
     """
-    return torch.ops.mmfree.ternary_linear(x, weight, norm_weight, eps)
+    return bitlinear(x, weight, norm_weight, eps, int8_dx)
 
 
 def ternary_linear_packed(
