@@ -52,7 +52,7 @@ def bitlinear(
     """
     if int8_dx is None:
         int8_dx = int8_dx_default()
-    return torch.ops.mmfree.bitlinear_forward(x, weight.contiguous(), norm_weight, eps, bool(int8_dx))[0]
+    return torch.ops.mmfree.bitlinear_forward(x, weight, norm_weight, eps, bool(int8_dx))[0]
 
 
 # ---- fake kernels ---------------------------------------------------------------------------
