@@ -53,7 +53,10 @@ def run(data: torch.Tensor, args: argparse.Namespace, dx: str, seed: int) -> dic
     )
     secs = time.perf_counter() - t0
     tail = res.losses[-args.tail :]
-    print(f"dx={dx} seed={seed}: {res.steps} steps in {secs:.0f}s, mean loss of last {len(tail)}: {sum(tail) / len(tail):.4f}")
+    print(
+        f"dx={dx} seed={seed}: {res.steps} steps in {secs:.0f}s, "
+        f"mean loss of last {len(tail)}: {sum(tail) / len(tail):.4f}"
+    )
     return {"dx": dx, "seed": seed, "steps": res.steps, "seconds": secs, "losses": res.losses}
 
 
@@ -85,7 +88,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = torch.tensor(list(stdlib_docstrings().encode("utf-8")), dtype=torch.long)
-    plan = [(dx, s) for s in args.seeds for dx in ("exact", "int8") if not (args.noise_exact_only and s != args.seeds[0] and dx == "int8")]
+    plan = [
+        (dx, s)
+        for s in args.seeds
+        for dx in ("exact", "int8")
+        if not (args.noise_exact_only and s != args.seeds[0] and dx == "int8")
+    ]
     runs = [run(data, args, dx, seed) for dx, seed in plan]
     os.environ.pop(DX_ENV, None)
 

@@ -94,7 +94,7 @@ def test_int8_dx_is_the_exact_backward_of_the_quantized_dy(device: str, dtype: t
     _, packed, w_scale, x_q, x_scale, packed_t = torch.ops.mmfree.bitlinear_forward(x, w, g, EPS, True)
     args = (x, x_q, x_scale, packed, w_scale, packed_t, g, EPS, w.dtype)
     dx8, dw8, dg8 = torch.ops.mmfree.bitlinear_backward(dy, *args, True)
-    dx, dw, dg = torch.ops.mmfree.bitlinear_backward(dy, *args, False)
+    dx, dw, _ = torch.ops.mmfree.bitlinear_backward(dy, *args, False)
     assert torch.equal(dw8, dw)  # dW does not use the quantized dY
     assert dx8.dtype == dtype and dg8.dtype == dtype
     # The exact backward, run in fp32 on the dequantized dY, is what the int8 path computes.
@@ -102,7 +102,9 @@ def test_int8_dx_is_the_exact_backward_of_the_quantized_dy(device: str, dtype: t
     dy_deq = q.float() * s.unsqueeze(-1)
     x32, g32 = x.float(), g.float()
     _, p32, ws32, xq32, xs32, pt32 = torch.ops.mmfree.bitlinear_forward(x32, w.float(), g32, EPS)
-    want_dx, _, want_dg = torch.ops.mmfree.bitlinear_backward(dy_deq, x32, xq32, xs32, p32, ws32, pt32, g32, EPS, w.dtype)
+    want_dx, _, want_dg = torch.ops.mmfree.bitlinear_backward(
+        dy_deq, x32, xq32, xs32, p32, ws32, pt32, g32, EPS, w.dtype
+    )
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(dx8.float(), want_dx, **tol)
     torch.testing.assert_close(dg8.float(), want_dg.float(), **tol)
@@ -133,7 +135,7 @@ def test_int8_dx_product_within_rounding_bound(device: str, m: int, k: int, n: i
 
 
 def test_int8_dx_flag_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    x, w, g = _inputs(16, 96, 40, torch.float32)
+    x, w, _ = _inputs(16, 96, 40, torch.float32)
     dy = torch.randn(16, 40)
 
     def grad_x(**kw: object) -> torch.Tensor:
@@ -198,7 +200,9 @@ def test_rejects_bad_input() -> None:
             dy, x, x_q.float(), x_scale, packed, w_scale, packed_t, g, EPS, torch.float32, False
         )
     with pytest.raises(RuntimeError, match="grad_out"):
-        torch.ops.mmfree.bitlinear_backward(dy[:, :5], x, x_q, x_scale, packed, w_scale, packed_t, g, EPS, torch.float32)
+        torch.ops.mmfree.bitlinear_backward(
+            dy[:, :5], x, x_q, x_scale, packed, w_scale, packed_t, g, EPS, torch.float32
+        )
     with pytest.raises(RuntimeError, match="weight"):
         torch.ops.mmfree.bitlinear_forward(x, w[:, :100], g, EPS)
     with pytest.raises(RuntimeError, match="weight_dtype"):

@@ -120,7 +120,17 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
 def _backward(ctx: Any, grad: torch.Tensor, *unused: Any) -> tuple:
     x, x_q, x_scale, packed, w_scale, packed_t, norm_weight = ctx.saved_tensors
     gx, gw, gg = torch.ops.mmfree.bitlinear_backward(
-        grad.contiguous(), x, x_q, x_scale, packed, w_scale, packed_t, norm_weight, ctx.eps, ctx.weight_dtype, ctx.int8_dx
+        grad.contiguous(),
+        x,
+        x_q,
+        x_scale,
+        packed,
+        w_scale,
+        packed_t,
+        norm_weight,
+        ctx.eps,
+        ctx.weight_dtype,
+        ctx.int8_dx,
     )
     return gx, gw, gg, None, None
 

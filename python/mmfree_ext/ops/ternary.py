@@ -230,7 +230,9 @@ def _packed_backward(ctx: Any, grad: torch.Tensor) -> tuple:
 _AUTOGRAD_LIB = torch.library.Library("mmfree", "IMPL")  # kept alive: owns the kernel
 
 
-def _ternary_linear_autograd(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _ternary_linear_autograd(
+    x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, eps: float
+) -> torch.Tensor:
     return bitlinear(x, weight, norm_weight, eps)
 
 
