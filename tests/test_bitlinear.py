@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mmfree_ext  # noqa: F401  (registers the ops)
+import mmfree_ext
 from conftest import DEVICES
 from mmfree_ext.nn import BitLinear
 from mmfree_ext.ops.bitlinear import DX_ENV, bitlinear, int8_dx_default
@@ -207,3 +207,30 @@ def test_rejects_bad_input() -> None:
         torch.ops.mmfree.bitlinear_forward(x, w[:, :100], g, EPS)
     with pytest.raises(RuntimeError, match="weight_dtype"):
         torch.ops.mmfree.bitlinear_backward(dy, x, x_q, x_scale, packed, w_scale, packed_t, g, EPS, torch.int32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("gemm", ["mma", "sm90"])
+@pytest.mark.parametrize("m,k,n", [(300, 640, 2560), (1024, 2560, 8192)])
+def test_cuda_int8_dx_equals_cpu(monkeypatch: pytest.MonkeyPatch, gemm: str, m: int, k: int, n: int) -> None:
+    """The transposed pack and the int8 dX product on CUDA (each GEMM kernel forced) equal the
+    CPU's exactly (int32 accumulators, same rescale); dX after the norm backward to fp32 noise."""
+    sm90 = torch.cuda.get_device_capability() == (9, 0) and any(
+        a.startswith("90") for a in mmfree_ext.build_info()["cuda_archs"]
+    )
+    if gemm == "sm90" and not sm90:
+        pytest.skip("the wgmma kernel needs an sm_90 GPU and a build with arch 90")
+    monkeypatch.setenv("MMFREE_TERNARY_GEMM", gemm)
+    x, w, g = _inputs(m, k, n, torch.float32)
+    dy = torch.randn(m, n)
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        xd, wd, gd, dyd = (t.to(dev) for t in (x, w, g, dy))
+        fwd = torch.ops.mmfree.bitlinear_forward(xd, wd, gd, EPS, True)
+        q, s = _quantize_rows(dyd)
+        prod = torch.ops.mmfree.ternary_matmul(q, s, fwd[5], fwd[2], torch.float32)
+        saved = (xd, fwd[3], fwd[4], fwd[1], fwd[2], fwd[5], gd, EPS, torch.float32)
+        outs[dev] = (fwd[5].cpu(), prod.cpu(), torch.ops.mmfree.bitlinear_backward(dyd, *saved, True)[0].cpu())
+    assert torch.equal(outs["cpu"][0], outs["cuda"][0])
+    assert torch.equal(outs["cpu"][1], outs["cuda"][1])
+    torch.testing.assert_close(outs["cuda"][2], outs["cpu"][2], rtol=1e-4, atol=1e-5)
