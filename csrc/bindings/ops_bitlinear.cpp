@@ -135,13 +135,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TensorPair quantize_rows_int8(const at::Tensor& g) {
   const int64_t m = g.size(0), n = g.size(1);
   at::Tensor q = at::empty({m, n}, g.options().dtype(at::kChar));
-  at::Tensor amax = g.abs().amax(-1).to(at::kFloat);
-  at::Tensor scale = at::where(amax > 0, amax / 127.0, at::ones_like(amax)).contiguous();
+  at::Tensor scale = at::empty({m}, g.options().dtype(at::kFloat));
   const int64_t rows = std::max<int64_t>(1, (int64_t{16} << 20) / std::max<int64_t>(n, 1));
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t r = std::min(rows, m - r0);
-    at::Tensor qb = q.narrow(0, r0, r);
-    qb.copy_(at::div(g.narrow(0, r0, r), scale.narrow(0, r0, r).unsqueeze(1)).round_().clamp_(-127, 127));
+    const at::Tensor gb = g.narrow(0, r0, r);
+    const at::Tensor amax = gb.abs().amax(-1).to(at::kFloat);
+    at::Tensor sb = scale.narrow(0, r0, r);
+    sb.copy_(at::where(amax > 0, amax / 127.0, at::ones_like(amax)));
+    q.narrow(0, r0, r).copy_(at::div(gb, sb.unsqueeze(1)).round_().clamp_(-127, 127));
   }
   return {q, scale};
 }
