@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from mmfree_ext._corpus import stdlib_docstrings
 from mmfree_ext.models import ByteTokenizer, MMfreeLMConfig, MMfreeLMForCausalLM
 from mmfree_ext.ops.bitlinear import DX_ENV
-from mmfree_ext.training import train_for
 
 
 def run(data: torch.Tensor, args: argparse.Namespace, dx: str, seed: int) -> dict:
@@ -39,25 +40,44 @@ def run(data: torch.Tensor, args: argparse.Namespace, dx: str, seed: int) -> dic
     torch.manual_seed(seed)
     model = MMfreeLMForCausalLM(cfg, init_seed=seed).to(args.device)
     t0 = time.perf_counter()
-    res = train_for(
-        model,
-        data,
-        seconds=1e9,
-        max_steps=args.steps,
-        batch_size=args.batch,
-        seq_len=args.seq,
-        lr=args.lr,
-        seed=seed,
-        log=lambda s: None,
-        progress=False,
-    )
+    losses = train(model, data, args, seed)
     secs = time.perf_counter() - t0
-    tail = res.losses[-args.tail :]
+    tail = losses[-args.tail :]
     print(
-        f"dx={dx} seed={seed}: {res.steps} steps in {secs:.0f}s, "
+        f"dx={dx} seed={seed}: {len(losses)} steps in {secs:.0f}s, "
         f"mean loss of last {len(tail)}: {sum(tail) / len(tail):.4f}"
     )
-    return {"dx": dx, "seed": seed, "steps": res.steps, "seconds": secs, "losses": res.losses}
+    return {"dx": dx, "seed": seed, "steps": len(losses), "seconds": secs, "losses": losses}
+
+
+def train(model: MMfreeLMForCausalLM, data: torch.Tensor, args: argparse.Namespace, seed: int) -> list[float]:
+    """The demo trainer's loop (AdamW betas 0.9/0.95, weight decay 0.01 on the >= 2-D
+    non-embedding weights, 10 warmup steps then a cosine to 0.1 x lr, grad-norm clip 1.0) on
+    random byte windows drawn from a seeded generator: same seed, same batches."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    named = list(model.named_parameters())
+    decay = [p for n, p in named if p.dim() >= 2 and "embeddings" not in n]
+    rest = [p for n, p in named if not (p.dim() >= 2 and "embeddings" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95)
+    )
+    model.train()
+    losses = []
+    for step in range(args.steps):
+        starts = torch.randint(0, data.numel() - args.seq - 1, (args.batch,), generator=gen)
+        batch = torch.stack([data[s : s + args.seq + 1] for s in starts.tolist()]).to(args.device)
+        warm = min(1.0, (step + 1) / 10)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * step / args.steps))
+        for group in opt.param_groups:
+            group["lr"] = args.lr * warm * (0.1 + 0.9 * cosine)
+        logits = model(batch[:, :-1]).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
 
 
 def smooth(xs: list[float], n: int) -> list[float]:
