@@ -6,6 +6,7 @@ native schemas and CPU/CUDA kernels are registered by importing mmfree_ext._C.
 
 from .. import _native  # noqa: F401  (registers the native schemas before the fakes below)
 from .act import silu_mul
+from .bitlinear import bitlinear
 from .decode import decode_step
 from .glu import silu_mul_ternary_linear
 from .loss import ternary_linear_cross_entropy
@@ -27,6 +28,7 @@ from .ternary import (
 )
 
 __all__ = [
+    "bitlinear",
     "decode_step",
     "mlgru_scan",
     "quantize_ternary",
