@@ -24,7 +24,7 @@ if has build; then
   step build
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   cmake -S . -B build/gpu -G Ninja -DPython_EXECUTABLE="$(command -v python3)" -DMMFREE_CUDA_ARCHS=90 \
-    -DMMFREE_COPY_TO_SOURCE=ON -DMMFREE_BUILD_BENCHMARKS=ON > "$LOG/build.log" 2>&1 \
+    -DMMFREE_COPY_TO_SOURCE=ON -DMMFREE_BUILD_BENCHMARKS=${BENCH_BINS:-ON} > "$LOG/build.log" 2>&1 \
     && cmake --build build/gpu -j 16 >> "$LOG/build.log" 2>&1
   rc=$?; note "build rc=$rc"
   [ $rc -eq 0 ] || { echo "BUILD FAILED"; grep -E "error" -A3 "$LOG/build.log" | head -60; exit 1; }
@@ -33,7 +33,7 @@ fi
 
 if has tests; then
   step tests
-  timeout "${TEST_TIMEOUT:-230}" $PYT -m cuda -ra tests > "$LOG/tests.log" 2>&1
+  timeout "${TEST_TIMEOUT:-230}" $PYT -m cuda -ra ${TESTS:-tests} > "$LOG/tests.log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR)" "$LOG/tests.log" | head -30
   grep -A40 "fuzz cases run" "$LOG/tests.log" | grep -E "cuda" | head -30
@@ -42,28 +42,25 @@ fi
 
 san() {  # san <tool> <name> <pytest args...>
   local tool=$1 name=$2; shift 2
-  timeout 60 compute-sanitizer --tool "$tool" --error-exitcode 9 $PYT -x "$@" > "$LOG/san.$name.$tool.log" 2>&1
+  timeout "${SAN_TIMEOUT:-60}" compute-sanitizer --tool "$tool" --error-exitcode 9 $PYT -x "$@" > "$LOG/san.$name.$tool.log" 2>&1
   local rc=$?
   note "$tool $name rc=$rc $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$LOG/san.$name.$tool.log" | tail -1) $(tail -1 "$LOG/san.$name.$tool.log")"
 }
 if has sanitize; then
   step sanitize
-  san memcheck decode tests/test_decode_step.py -k "cuda and (graph or odd_hidden or opcheck)"
-  san racecheck decode tests/test_decode_step.py -k "cuda_graph"
-  san memcheck act_loss tests/test_act.py tests/test_loss.py -k "cuda"
-  san memcheck bitlinear tests/test_bitlinear.py -k "cuda"
-  san initcheck norm tests/test_norm.py -k "cuda and (matches_reference and (7 or 2560) or empty or multi)"
-  san initcheck ternary tests/test_ternary_cuda.py -k "cpu_and_cuda or empty or misaligned"
-  san initcheck mlgru tests/test_mlgru.py -k "cuda and (paths_agree or varlen)"
-  san synccheck norm tests/test_norm.py -k "cuda and matches_reference and 2560"
-  san synccheck ternary tests/test_ternary_cuda.py -k "cpu_and_cuda"
-  san synccheck mlgru tests/test_mlgru.py -k "cuda and paths_agree"
-  san memcheck policy tests/test_numerics_policy.py tests/test_concurrency.py -k "cuda"
+  # One pytest run per tool over small cases of every kernel family and the new paths.
+  san memcheck all tests/test_decode_step.py tests/test_act.py tests/test_loss.py tests/test_bitlinear.py \
+    tests/test_numerics_policy.py -k "cuda and not real_shapes"
+  san racecheck all tests/test_decode_step.py tests/test_mlgru.py -k "cuda_graph or (cuda and paths_agree)"
+  san initcheck all tests/test_norm.py tests/test_ternary_cuda.py tests/test_mlgru.py tests/test_act.py \
+    -k "cuda and (matches_reference and 2560 or cpu_and_cuda or paths_agree or silu)"
+  san synccheck all tests/test_norm.py tests/test_ternary_cuda.py tests/test_mlgru.py tests/test_decode_step.py \
+    -k "cuda and (matches_reference and 2560 or cpu_and_cuda or paths_agree or cuda_graph)"
 fi
 
 if has fuzz; then
   step fuzz
-  MMFREE_FUZZ_PROFILE=gpu timeout 75 $PYT -ra tests/test_fuzz_norm.py tests/test_fuzz_ternary.py \
+  MMFREE_FUZZ_PROFILE=gpu timeout "${FUZZ_TIMEOUT:-75}" $PYT -ra tests/test_fuzz_norm.py tests/test_fuzz_ternary.py \
     tests/test_fuzz_mlgru.py -k cuda > "$LOG/fuzz_gpu.log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR)" "$LOG/fuzz_gpu.log" | head; grep -A40 "fuzz cases run" "$LOG/fuzz_gpu.log" | grep cuda

