@@ -39,9 +39,9 @@ namespace cpu {
 namespace ternary_detail {
 namespace {
 
-constexpr int64_t kChunkRows = 256;  // weight rows (n) decoded per chunk
+constexpr int64_t kChunkRows = 128;  // weight rows (n) decoded per chunk
 constexpr int64_t kSteps = kChunkRows / 32;
-constexpr int64_t kBlockRows = 128;  // grad rows per task
+constexpr int64_t kBlockRows = 256;  // grad rows per task
 constexpr int kColTiles = static_cast<int>(kTPanelCols / 16);
 
 struct alignas(64) TileConfig {
