@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <new>
 
 #include "common/ternary_format.h"
@@ -198,8 +199,11 @@ void panel_tile(const TernaryMatmulTParams& p, const uint16_t* terms, int64_t np
 void matmul_t_amx_bf16(const TernaryMatmulTParams& p) {
   const int64_t mp = (p.M + 31) / 32 * 32, np = (p.N + 31) / 32 * 32;
   const int64_t term = mp * np;  // halves between the hi, mid and lo matrices
-  uint16_t* terms = static_cast<uint16_t*>(std::aligned_alloc(64, static_cast<size_t>((3 * term * 2 + 63) / 64 * 64)));
-  if (terms == nullptr) throw std::bad_alloc();
+  // Freed on every exit (a task may throw through parallel_for).
+  std::unique_ptr<uint16_t, void (*)(void*)> owner(
+      static_cast<uint16_t*>(std::aligned_alloc(64, static_cast<size_t>((3 * term * 2 + 63) / 64 * 64))), &std::free);
+  if (owner == nullptr) throw std::bad_alloc();
+  uint16_t* terms = owner.get();
   parallel_for(0, mp, 16, [&](int64_t r0, int64_t r1) { split_rows(p, np, r0, r1, terms, term); });
   const int64_t panels = (p.K + kTPanelCols - 1) / kTPanelCols;
   const int64_t row_blocks = (p.M + kBlockRows - 1) / kBlockRows;
@@ -215,7 +219,6 @@ void matmul_t_amx_bf16(const TernaryMatmulTParams& p) {
     }
     _tile_release();
   });
-  std::free(terms);
 }
 
 }  // namespace ternary_detail
