@@ -8,11 +8,11 @@
 // decoded weight tile: C[m, k] += hi[m, n] w[n, k] + mid[m, n] w[n, k] + lo[m, n] w[n, k].
 //
 // Differences from the AVX-512/AVX2 bodies, rounding only:
-//  * summation order: those add g * (w * w_scale) one n at a time into each output; here the
-//    tile unit adds the products of one bf16 pair (two n) before each fp32 rounding, runs
-//    the three terms of every n as separate steps, and w_scale is applied once at the end
-//    (out = (sum_n g w) * w_scale). Both are fp32 sums of 3N (here) or N exact terms, so
-//    both lie within the usual fp32 accumulation bound ~ (3N) eps sum |g w|.
+//  * summation order: those add g * (w * w_scale) one n at a time into each output (a
+//    rounded product g * w_scale per term); here the tile unit adds exact products pairwise
+//    (two n) into fp32, the hi terms into one accumulator and the mid + lo terms into a
+//    second (2^-8 the magnitude), and out = (acc_hi + acc_ml) * w_scale. Both are fp32 sums
+//    within the usual accumulation bound ~ (3N) eps sum |g w|.
 //  * TDPBF16PS treats bf16 denormals as zero and flushes denormal results (DAZ/FTZ, MXCSR
 //    ignored): a lo (or mid) term below 2^-126 is dropped, so grads below ~2^-110 in
 //    magnitude lose low bits. Gradients that small are far below anything that matters.
@@ -20,9 +20,10 @@
 //
 // Data: the three terms are prepared once per call as bf16 matrices [Mp, Np] (M, N rounded
 // up to 32, zero padded), 6 bytes per grad element. Each task owns (up to 128 rows x one
-// 128-column panel); it walks N in chunks of 256 weight rows, decoding the chunk's 2-bit
-// codes into bf16 tiles in the VNNI pair layout (64 KiB), and accumulates 2 x 2 C tiles
-// (32 rows x 32 columns) per step in an fp32 block buffer (64 KiB) that stays in L1/L2.
+// 128-column panel); it walks N in chunks of 128 weight rows, decoding the chunk's 2-bit
+// codes into bf16 tiles in the VNNI pair layout (32 KiB), and per 16 rows x 32 columns keeps
+// 2 hi + 2 mid/lo C tiles (5 tile loads per 6 TDPBF16PS), stored between chunks in two fp32
+// block buffers (64 KiB each, L2).
 #include <immintrin.h>
 
 #include <algorithm>
