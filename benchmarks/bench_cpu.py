@@ -9,6 +9,9 @@ Sections (``--sections``, all by default):
   baselines are timed interleaved, rep by rep, so machine noise hits them alike; medians.
 * ``gemm``: M=512 at the 2.7B shapes against torch bf16 F.linear (oneDNN, AMX-BF16 where the
   CPU has it), 2 threads.
+* ``gemm_t``: the training dX product ``ternary_matmul_t`` (fp32 grad [M, N] @ W [N, K]) at
+  M=512 and 2048 on the 2.7B shapes: the AMX-BF16 path, the AVX path (ext cap vnni), torch bf16
+  and fp32 ``grad @ W``, interleaved.
 * ``mlgru``: the MLGRU scan B=1 T=512 D=1024 fp32; ``norm``: rms_norm_quant / rms_norm rows.
 * ``decode``: tokens/s at batch 1 through the public ``generate()`` (370M fp32 and bf16, 1.3B
   and 2.7B fp32; random packed weights).
@@ -183,6 +186,49 @@ def gemm_shape(m: int, k: int, n: int, threads: int) -> dict:
     return row
 
 
+def gemm_t_rows(threads: int, ms: list[int]) -> list[dict]:
+    torch.set_num_threads(threads)
+    h, inter = SHAPES["2.7B"]["h"], SHAPES["2.7B"]["I"]
+    # (N, K): the grad's width N is the forward's out_features, K its in_features.
+    return [gemm_t_shape(m, n, k, threads) for m in ms for n, k in ((h, h), (2 * inter, h), (h, inter))]
+
+
+def gemm_t_shape(m: int, n: int, k: int, threads: int) -> dict:
+    w = torch.randint(-1, 2, (n, k), dtype=torch.int8)
+    packed = ref.pack_ternary(w)
+    grad = torch.randn(m, n)
+    gb, wb, wf = grad.bfloat16(), w.bfloat16(), w.float()
+    ws = torch.ones(())
+
+    def ours(ext: str) -> Callable[[], object]:
+        def run() -> object:
+            mmfree_ext.set_cpu_ext(ext)
+            return torch.ops.mmfree.ternary_matmul_t(grad, packed, ws, k)
+
+        return run
+
+    t = interleaved(
+        {
+            "amx": ours("amx"),
+            "avx": ours("vnni"),
+            "torch_bf16": lambda: gb @ wb,
+            "torch_fp32": lambda: grad @ wf,
+        },
+        reps=3,
+        min_seconds=0.0,
+    )
+    mmfree_ext.set_cpu_ext("amx")
+    row = {
+        "shape": f"M={m} N={n} K={k}",
+        "threads": threads,
+        "amx_bf16_path": bool(mmfree_ext.cpu_features()["use_amx_bf16"]),
+        **{f"{name}_ms": round(v / 1e3, 2) for name, v in t.items()},
+        "amx_TFLOPs": round(2 * m * n * k / t["amx"] / 1e6, 3),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def mlgru_rows(threads: int) -> list[dict]:
     torch.set_num_threads(threads)
     b, t, d = 1, 512, 1024
@@ -257,7 +303,8 @@ def decode_rows(threads: int, sizes: list[tuple[str, torch.dtype]], new_tokens: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--sections", default="gemv,gemm,mlgru,norm,decode")
+    parser.add_argument("--sections", default="gemv,gemm,gemm_t,mlgru,norm,decode")
+    parser.add_argument("--gemm-t-m", default="512,2048", help="M values of the gemm_t section")
     parser.add_argument("--sizes", default="370M,1.3B,2.7B")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--decode-tokens", type=int, default=48)
@@ -278,6 +325,8 @@ def main() -> None:
         out["gemv"] = gemv_rows(threads_list, sizes, 2 * llc)
     if "gemm" in sections:
         out["gemm"] = gemm_rows(top)
+    if "gemm_t" in sections:
+        out["gemm_t"] = gemm_t_rows(top, [int(m) for m in args.gemm_t_m.split(",")])
     if "mlgru" in sections:
         out["mlgru"] = mlgru_rows(top)
     if "norm" in sections:
@@ -311,6 +360,11 @@ def print_summary(out: dict) -> None:
         print(
             f"gemm {r['shape']}: ours {r['ours_ms']} ms ({r['path']}), "
             f"torch bf16 {r['torch_bf16_ms']} ms, x{r['speedup']}"
+        )
+    for r in out.get("gemm_t", []):
+        print(
+            f"gemm_t {r['shape']}: amx {r['amx_ms']} ms, avx {r['avx_ms']} ms, "
+            f"torch bf16 {r['torch_bf16_ms']} ms, fp32 {r['torch_fp32_ms']} ms"
         )
     for r in out.get("mlgru", []) + out.get("norm", []):
         print(f"{r['case']}: {r['us']} us ({r['GBps']} GB/s)")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 14's CPU measurements in one run, for a quiet machine (nothing else running: the
 # 2-thread figures need both cores). Builds nothing: run after `make build`. Writes
-# cpu_run.json (or $1) and prints a short table last. About 3-6 minutes on 2 cores.
+# cpu_run.json (or $1) and prints a short table last (gemv, gemm, gemm_t = the training dX
+# product, mlgru, norm, decode). About 4-7 minutes on 2 cores.
 #
 #   bash benchmarks/cpu_run.sh [out.json]
 #

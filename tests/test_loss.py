@@ -57,7 +57,9 @@ def _assert_close_to_truth(out: torch.Tensor, base: torch.Tensor, truth: torch.T
     err = (out64 - truth64).abs().max().item()
     base_err = (base64 - truth64).abs().max().item()
     ulp = torch.finfo(base.dtype).eps * truth64.abs().max().item()
-    # 4x: the CUDA dX sums in cuBLAS and the fused norm backward in another order than torch.
+    # 4x, not 2x: the dX product sums in another order than torch (cuBLAS and the fused norm
+    # backward on CUDA: 2.75x measured on the H200; the AMX-BF16 product on the CPU: 2.5x), and
+    # the plain fp32 path itself reaches 2.4-2.5x torch's dx error on some draws.
     assert err <= 4 * base_err + 2 * ulp, f"{what}: error {err:.3g} vs reference error {base_err:.3g} (ulp {ulp:.3g})"
 
 

@@ -100,6 +100,7 @@ py::dict cpu_features() {
   d["use_vnni512"] = mmfree::cpu::use_vnni512();
   d["use_vnni256"] = mmfree::cpu::use_vnni256();
   d["use_amx_int8"] = mmfree::cpu::use_amx_int8();
+  d["use_amx_bf16"] = mmfree::cpu::use_amx_bf16();
   return d;
 }
 

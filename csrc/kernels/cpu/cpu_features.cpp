@@ -193,6 +193,14 @@ bool use_amx_int8() {
   return active_isa() == Isa::kAvx512 && ext_cap() >= Ext::kAmx && f.amx_tile && f.amx_int8 && amx_permitted();
 }
 
+bool use_amx_bf16() {
+#if !defined(MMFREE_HAVE_AMX_KERNELS)
+  return false;
+#endif
+  const CpuFeatures& f = cpu_features();
+  return active_isa() == Isa::kAvx512 && ext_cap() >= Ext::kAmx && f.amx_tile && f.amx_bf16 && amx_permitted();
+}
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kScalar: return "scalar";

@@ -46,6 +46,7 @@ bool use_vnni512();  // AVX-512 VNNI (needs the AVX-512 path active)
 bool use_vnni256();  // AVX-VNNI (the AVX2 or AVX-512 path active)
 bool use_amx_int8(); // AMX-INT8 tiles (the AVX-512 path active; the first call asks Linux
                      // for the tile-data permission and reports false if it is refused)
+bool use_amx_bf16(); // AMX-BF16 tiles (same conditions, with AMX-BF16 instead of AMX-INT8)
 
 }  // namespace cpu
 }  // namespace mmfree

@@ -71,6 +71,9 @@ int64_t gemm_row_block(int64_t kp);
 constexpr int64_t kTPanelCols = 128;
 void matmul_t_tile_scalar(const TernaryMatmulTParams& p, int64_t m0, int64_t m1, int64_t k0, int64_t k1);
 void matmul_t_tile_avx2(const TernaryMatmulTParams& p, int64_t m0, int64_t m1, int64_t k0, int64_t k1);
+// AMX-BF16 path (M >= kAmxMinM, ternary_matmul_t_amx.cpp): the whole product, its own tiling
+// (grad split into three exact bf16 terms; see the file comment for the rounding differences).
+void matmul_t_amx_bf16(const TernaryMatmulTParams& p);
 
 }  // namespace ternary_detail
 }  // namespace cpu
