@@ -44,7 +44,9 @@ class TQ2Matmul:
         wbytes = ggml.ggml_row_size(ggml.GGML_TYPE_TQ2_0, k) * n
         self.weight_bytes = wbytes
         overhead = ggml.ggml_tensor_overhead() * (4 * copies + 8) + ggml.ggml_graph_overhead() * copies
-        work = m * k * 4 + m * n * 4 * copies + (1 << 20)
+        # ggml pads every object (header + 16-byte alignment) and takes the graph's work buffer
+        # from this pool too: slack per copy and a few MiB, or ggml aborts past the end.
+        work = m * k * 4 + m * n * 4 * copies + copies * (64 << 10) + (8 << 20)
         size = wbytes * copies + overhead + work + m * k * 4
         self._params = ggml.ggml_init_params(mem_size=size, mem_buffer=None, no_alloc=False)
         self.ctx = ggml.ggml_init(self._params)
