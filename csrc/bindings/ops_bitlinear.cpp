@@ -21,27 +21,12 @@
 #include <vector>
 
 #include "bindings/checks.h"
+#include "bindings/op_calls.h"
 #include "common/ternary_format.h"
 
 namespace mmfree {
 namespace binding {
 namespace {
-
-using TensorPair = std::tuple<at::Tensor, at::Tensor>;
-
-TensorPair call_rms_norm_quant(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("mmfree::rms_norm_quant", "")
-                       .typed<TensorPair(const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(x, weight, eps);
-}
-
-TensorPair call_quantize_ternary(const at::Tensor& weight) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("mmfree::quantize_ternary", "")
-                       .typed<TensorPair(const at::Tensor&)>();
-  return op.call(weight);
-}
 
 at::Tensor call_unpack_ternary(const at::Tensor& packed, int64_t in_features) {
   static auto op = c10::Dispatcher::singleton()

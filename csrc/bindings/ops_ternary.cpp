@@ -15,28 +15,13 @@
 #include <string>
 
 #include "bindings/checks.h"
+#include "bindings/op_calls.h"
 #include "common/ternary_format.h"
 #include "ternary.h"
 
 namespace mmfree {
 namespace binding {
 namespace {
-
-using TensorPair = std::tuple<at::Tensor, at::Tensor>;
-
-TensorPair call_rms_norm_quant(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("mmfree::rms_norm_quant", "")
-                       .typed<TensorPair(const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(x, weight, eps);
-}
-
-TensorPair call_quantize_ternary(const at::Tensor& weight) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("mmfree::quantize_ternary", "")
-                       .typed<TensorPair(const at::Tensor&)>();
-  return op.call(weight);
-}
 
 void check_packed_for(const at::Tensor& packed, int64_t k, const at::Tensor& ref, const char* ref_name) {
   check_dtype(packed, "packed", at::kByte);
