@@ -202,9 +202,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bitlinear_backward_impl(
   // dW[n, k] = sum_m dY[m, n] * x_q[m, k] * x_scale[m], in dY's dtype (fp32 accumulation). cuBLAS
   // takes one dtype for both operands, so an [M, K] operand in dY's dtype is materialized
   // either way (scaling dY's rows instead would add an M x N pass): x_q * x_scale, one pass
-  // from the saved int8 activations, rounded once.
-  at::Tensor x_deq = at::empty({m, k}, g2.options());
-  at::mul_out(x_deq, x_q.reshape({-1, k}), x_scale.reshape({-1, 1}));
+  // from the saved int8 activations, rounded once (mmfree::dequantize_rows).
+  static auto dequantize_rows = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("mmfree::dequantize_rows", "")
+                                    .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType)>();
+  const at::Tensor x_deq = dequantize_rows.call(x_q.reshape({-1, k}), x_scale.reshape({-1}), g2.scalar_type());
   at::Tensor dw = at::mm(g2.t(), x_deq).to(weight_dtype);
   return {dx, dw, dg};
 }
