@@ -99,15 +99,26 @@ def test_bitwise_equal_to_unsplit_and_reference(
         assert torch.equal(out, want), f"MMFREE_TERNARY_SPLITK={mode}"
 
 
-@pytest.mark.parametrize(("n", "k"), MODEL_SHAPES)
-@pytest.mark.parametrize("m", [8, 16, 64])
-def test_automatic_choice_takes_the_split_kernel(monkeypatch: pytest.MonkeyPatch, m: int, n: int, k: int) -> None:
-    """On the 2.7B shapes at small M the automatic choice launches the split kernel, and
-    MMFREE_TERNARY_SPLITK=off does not (so the tests above compare two different kernels)."""
+# (M, N, K) where the automatic choice measured the split kernel faster (launch.h,
+# gemm_split_k.cu's split_k_count) and where it did not.
+AUTO_SPLIT = [(m, n, k) for m in (4, 8, 16) for n, k in MODEL_SHAPES] + [
+    (64, 2560, 2560),
+    (64, 2560, 6912),
+    (64, 7680, 2560),
+    (128, 2560, 6912),
+]
+AUTO_UNSPLIT = [(1, 2560, 2560), (2, 2560, 6912), (64, 13824, 2560), (128, 2560, 2560), (256, 2560, 6912)]
+
+
+@pytest.mark.parametrize(("m", "n", "k"), AUTO_SPLIT + AUTO_UNSPLIT)
+def test_automatic_choice(monkeypatch: pytest.MonkeyPatch, m: int, n: int, k: int) -> None:
+    """The automatic choice launches the split kernel exactly where it measured faster, and
+    MMFREE_TERNARY_SPLITK=off never does (so the tests above compare two different kernels)."""
     x_q, _, packed = _inputs(m, n, k)
     args = (x_q, torch.ones(m, device="cuda"), packed, torch.ones((), device="cuda"), torch.bfloat16)
     monkeypatch.setenv("MMFREE_TERNARY_SPLITK", "auto")
-    assert any(SPLIT_KERNEL in name for name in _kernels_run(lambda: _op(*args)))
+    split = any(SPLIT_KERNEL in name for name in _kernels_run(lambda: _op(*args)))
+    assert split == ((m, n, k) in AUTO_SPLIT)
     monkeypatch.setenv("MMFREE_TERNARY_SPLITK", "off")
     assert not any(SPLIT_KERNEL in name for name in _kernels_run(lambda: _op(*args)))
 

@@ -1,5 +1,6 @@
 // mmfree::cuda::ternary_matmul: picks the kernel by M. Decode (M < 8) is bound by the
-// weight stream and goes to the dp4a GEMV; prefill goes to a tensor-core GEMM: on sm_90
+// weight stream and goes to the dp4a GEMV (on sm_90 only M < 3, or where the split-K
+// kernel below does not pay; launch.h); prefill goes to a tensor-core GEMM: on sm_90
 // the wgmma kernel (gemm_sm90.cu) for the large products (launch.h says which), the
 // cluster split-K mma.sync kernel (gemm_split_k.cu) where unsplit tiles would leave SMs
 // idle, else mma.sync (gemm.cu). All

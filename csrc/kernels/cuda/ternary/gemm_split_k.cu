@@ -219,7 +219,14 @@ int split_k_count(int64_t M, int64_t N, int64_t K, int sms) {
   const int64_t ktiles = ternary::row_bytes(K) / kBRowBytes;
   // About two resident CTAs per SM (the kernel is built for 2), at least two k-tiles each.
   const int64_t s = std::min<int64_t>({kMaxSplitK, 2 * sms / std::max<int64_t>(tiles, 1), ktiles / 2});
-  return static_cast<int>(std::max<int64_t>(1, s));
+  // Where the split measured faster than the unsplit kernel (H200, benchmarks/NOTES.md,
+  // "Small-M products", v1): any split up to 32 rows (the 32-row tile helps as well); up to
+  // 64 rows only 3 or more ways (2 ways lost: 2560->13824 at M = 64, 19.4 vs 18.5 us);
+  // above that only long K split 4+ ways (6912->2560 at M = 128: 25.6 vs 36.4 us), as
+  // 2560->2560 at M = 128 / 256 (6 / 3 ways: 18.1 / 21.5 vs 17.7 / 17.9 us) and
+  // 2560->7680 at M = 128 (2 ways: 19.4 vs 18.3 us) lost.
+  const bool wins = M <= 32 ? s > 1 : (M <= 64 ? s >= 3 : (s >= 4 && ktiles >= 40));
+  return wins ? static_cast<int>(s) : 1;
 }
 
 cudaError_t launch_gemm_split_k(const TernaryMatmulParams& p, int splits, cudaStream_t stream) {

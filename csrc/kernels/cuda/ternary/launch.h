@@ -33,11 +33,14 @@ constexpr int kSm90MinCols = 8192;
 constexpr int kSm90AllColsRows = 8192;
 // Split-K of the mma.sync GEMM over a thread-block cluster (gemm_split_k.cu, sm_90): at
 // most kMaxSplitK CTAs per output tile (the portable cluster size). ternary_matmul takes it
-// for M >= kSplitKMinRows where split_k_count() > 1. MMFREE_TERNARY_SPLITK overrides:
+// for M >= kSplitKMinRows (below kGemmMinRows, instead of the GEMV) where split_k_count()
+// > 1. MMFREE_TERNARY_SPLITK overrides:
 // "auto" (or unset), "off" (the unsplit selection of before), or 1..8 (that many CTAs per
 // cluster for every product whatever M, the GEMV range included; tests and benchmarks).
 constexpr int kMaxSplitK = 8;
-constexpr int kSplitKMinRows = kGemmMinRows;
+// From M = 3 the split kernel beats the GEMV (H200, forced split vs GEMV at M = 2 / 4:
+// 8.7 / 8.8 vs 8.1 / 10.6 us on 2560->2560, 14.3 / 14.2 vs 14.3 / 21.9 on 2560->13824).
+constexpr int kSplitKMinRows = 3;
 constexpr int kSplitKAuto = -1;
 constexpr int kSplitKOff = 0;
 constexpr int kSplitKInvalid = -2;
