@@ -54,7 +54,8 @@ timeout "$(cap 45)" ncu --clock-control none --set full --import-source yes -k r
 echo "ncu rc=$?"; tail -3 /tmp/ncu.log
 if [ -f /tmp/prof.ncu-rep ]; then
   ncu -i /tmp/prof.ncu-rep --page details > "$OUT/ncu_details.txt" 2>&1
-  ncu -i /tmp/prof.ncu-rep --page source --csv --print-source cuda > /tmp/src.csv 2> /tmp/ncu_src.err ||
+  # (--print-source cuda came back without metric columns on 12-01: per-SASS-line instead)
+  ncu -i /tmp/prof.ncu-rep --page source --csv --print-source sass > /tmp/src.csv 2> /tmp/ncu_src.err ||
     ncu -i /tmp/prof.ncu-rep --page source --csv > /tmp/src.csv 2>> /tmp/ncu_src.err
   python3 benchmarks/ncu_top_lines.py /tmp/src.csv 40 > "$OUT/ncu_source_top.txt" 2>&1
   gzip -c /tmp/src.csv > "$OUT/ncu_source.csv.gz"

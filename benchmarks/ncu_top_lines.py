@@ -1,6 +1,6 @@
 """The source lines with the most warp-stall samples, from ``ncu --page source --csv``.
 
-    ncu -i prof.ncu-rep --page source --csv --print-source cuda > src.csv
+    ncu -i prof.ncu-rep --page source --csv --print-source sass > src.csv
     python benchmarks/ncu_top_lines.py src.csv 40
 
 One table per kernel in the export (a header row starts each); for each, the top lines by

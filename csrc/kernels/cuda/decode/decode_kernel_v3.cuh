@@ -76,6 +76,11 @@ inline int64_t v3_ring_bytes(int64_t h, int64_t I, int grid) {
   return m;
 }
 
+// Dynamic shared memory of the v3 kernel for these shapes on `sms` SMs (one CTA each).
+inline int64_t v3_smem_bytes(int64_t h, int64_t I, int64_t esize, int64_t wsize, int sms) {
+  return v3_smem(h, I, esize, wsize, v3_ring_bytes(h, I, sms)).total;
+}
+
 // This CTA's rows of product phase k (k = 4 l + g; k = 4 L: the lm_head), as gemv_phase cuts
 // them: calls fn(job, first row, rows) for each product it has rows of.
 template <class T, class Fn>
@@ -266,7 +271,7 @@ cudaError_t launch_v3(const KParams& kp, int budget, cudaStream_t stream) {
   KParams k = kp;
   k.ring = v3_ring_bytes(kp.h, kp.I, sms);
   const int64_t esize = static_cast<int64_t>(sizeof(T));
-  const int64_t smem = v3_smem(kp.h, kp.I, esize, kp.w_f32 ? 4 : esize, k.ring).total;
+  const int64_t smem = v3_smem_bytes(kp.h, kp.I, esize, kp.w_f32 ? 4 : esize, sms);
   if (smem > budget) return cudaErrorNotSupported;
   static std::atomic<uint64_t> raised{0};
   return launch_coop(decode_step_kernel_v3<T>, raised, k, static_cast<int>(smem), budget, stream);
