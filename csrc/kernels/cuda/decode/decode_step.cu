@@ -22,6 +22,9 @@
 // to kV2MaxBatch = 1, where it measured faster, and where its shared memory fits) has no row
 // phases: every CTA does the row math of every batch row at the start of each product phase,
 // codes straight into its shared memory, so a layer is 4 phases and 4 grid barriers, not 8.
+// v3 (decode_kernel_v3.cuh; batch 1, where its shared memory fits; MMFREE_DECODE_V3=0: v2)
+// keeps v2's phases and copies each CTA's weight rows of the next product into its shared
+// memory while the current phase runs, the row inputs in one wave, the row math on all warps.
 #include <algorithm>
 #include <cstdint>
 
