@@ -33,7 +33,7 @@ step bench_train 40 python3 -u benchmarks/bench_train_cuda.py --quick --json "$O
 # Tests and the profile side by side (the profile sums device time per kernel; the bench
 # above ran alone).
 timeout "$(left 45)" python3 -m pytest -q -x -p no:cacheprovider tests/test_dequant.py tests/test_norm_backward_cuda.py \
-  tests/test_pack.py tests/test_bitlinear.py tests/test_scale_cast_cuda.py -k "cuda or dequant" > "$OUT_DIR/tests.log" 2>&1 &
+  tests/test_pack.py tests/test_bitlinear.py tests/test_scale_cast_cuda.py tests/test_cuda_writes_every_output.py -k "cuda or dequant" > "$OUT_DIR/tests.log" 2>&1 &
 TESTS=$!
 step profile 45 python3 -u benchmarks/profile_train_step.py --size 370M --batch 4 --seq 2048 --json "$OUT_DIR/profile_370m.json"
 wait $TESTS

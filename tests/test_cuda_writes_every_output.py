@@ -86,6 +86,13 @@ def test_pack_ops(dtype: torch.dtype, rows: int, cols: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "cols"), [(37, 100), (9, 2560)])
+def test_dequantize_rows(dtype: torch.dtype, rows: int, cols: int) -> None:
+    x_q, x_scale = torch.ops.mmfree.rms_norm_quant(_rand(rows, cols), torch.ones(cols, device="cuda"), 1e-6)
+    _assert_writes_all(lambda: torch.ops.mmfree.dequantize_rows(x_q, x_scale, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "cols"), [(7, 100), (3, 2560)])
 def test_norm_ops(dtype: torch.dtype, rows: int, cols: int) -> None:
     x, r, g = (_rand(rows, cols, dtype=dtype) for _ in range(3))
@@ -96,6 +103,7 @@ def test_norm_ops(dtype: torch.dtype, rows: int, cols: int) -> None:
     _assert_writes_all(lambda: m.rms_norm_quant_multi(x, ws, 1e-6))
     _assert_writes_all(lambda: m.rms_norm(x, w, 1e-6, r))
     _assert_writes_all(lambda: m.rms_norm_backward(g, x, w, 1e-6, r, g))
+    _assert_writes_all(lambda: m.rms_norm_backward(g, x, w, 1e-6, None, None))
     _assert_writes_all(lambda: m.rms_norm_swish_gate(g, x, w, 1e-6))
     _assert_writes_all(lambda: m.rms_norm_swish_gate_backward(r, g, x, w, 1e-6))
     _assert_writes_all(lambda: m.rms_norm_swish_gate_quant(g, x, w, 1e-6, w, 1e-6))
