@@ -24,7 +24,7 @@ timeout "$(left)" python3 benchmarks/bench_mlgru.py --device cuda --quick --json
 echo "bench rc=$? at ${SECONDS}s"
 
 PYT="python3 -m pytest -q -p no:cacheprovider"
-SMALL="chunked_backward_matches_cpu and (B2T33D33 or B3T1D7) or chunked_backward_varlen"
+SMALL="chunked_backward_matches_cpu and (B2T33D33 or B3T1D7) or chunked_backward_varlen or chained_forward and B3T777D24"
 T=$(left)
 timeout "$T" $PYT -m cuda -k mlgru tests/test_mlgru.py tests/test_fuzz_mlgru.py tests/test_numerics_policy.py \
   tests/test_large_index.py > "$OUT/tests.log" 2>&1 &
@@ -33,7 +33,7 @@ timeout "$T" compute-sanitizer --tool memcheck --error-exitcode 9 $PYT tests/tes
   > "$OUT/memcheck.log" 2>&1 &
 P2=$!
 timeout "$T" compute-sanitizer --tool racecheck --error-exitcode 9 $PYT tests/test_mlgru.py \
-  -k "chunked_backward_varlen" > "$OUT/racecheck.log" 2>&1 &
+  -k "chunked_backward_varlen or chained_forward and B3T777D24 and dtype1" > "$OUT/racecheck.log" 2>&1 &
 P3=$!
 wait $P1; echo "tests rc=$?"; tail -3 "$OUT/tests.log"
 wait $P2; echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -2

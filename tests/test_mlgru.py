@@ -377,6 +377,31 @@ def _tol(dtype: torch.dtype) -> dict:
     )
 
 
+# The chained forward (v3: one tile of 256 tokens per CTA, the state handed from CTA to CTA)
+# runs for the auto path on fixed-length batches longer than one tile: several tiles, a
+# partial last tile, channel tails of the channel blocks, several sequences.
+CHAINED_FWD_SHAPES = [(1, 1000, 2560), (3, 777, 24), (2, 4099, 64), (5, 513, 136)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", CHAINED_FWD_SHAPES, ids=lambda s: "B{}T{}D{}".format(*s))
+def test_cuda_chained_forward_matches_reference(dtype: torch.dtype, shape: tuple) -> None:
+    b, t, d = shape
+    for lb_on in (True, False):
+        i, f, lb, h0, mask = make_inputs(b, t, d, dtype, "cuda", lb=lb_on, h0=lb_on, mask=lb_on)
+        h, h_last = mmfree_ext.mlgru_scan(i, f, lb, h0, mask)
+        h2, h_last2 = torch.ops.mmfree.mlgru_scan_impl(i, f, lb, h0, mask, None, CHUNKED)  # v2 tiles in one CTA
+        args = [x.cpu() if x is not None else None for x in (i, f, lb, h0, mask)]
+        rh, rhl = ref.mlgru_scan(*args)
+        torch.testing.assert_close(h.float().cpu(), rh.float(), **_tol(dtype))
+        torch.testing.assert_close(h_last.cpu(), rhl, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(h.float(), h2.float(), **_tol(dtype))
+        torch.testing.assert_close(h_last, h_last2, rtol=1e-5, atol=1e-5)
+        again, _ = mmfree_ext.mlgru_scan(i, f, lb, h0, mask)
+        assert torch.equal(h, again)
+
+
 def _assert_grads_close(ours: tuple, base: tuple, dtype: torch.dtype) -> None:
     """Gradients of the CUDA backward against the CPU kernels' (fp32 state both)."""
     for name, o, g in zip(("i", "f", "lower_bound", "h0"), ours, base, strict=True):
