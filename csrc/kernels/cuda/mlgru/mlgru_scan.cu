@@ -18,6 +18,7 @@
 // sequences in order by a second kernel: no atomics, deterministic.
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "cuda/common.cuh"
@@ -1005,9 +1006,22 @@ cudaError_t launch_chained(const MlgruScanParams& p, const Config& c, int64_t ti
   return cudaGetLastError();
 }
 
+// MMFREE_MLGRU_FWD=v2 in the environment (read once) keeps the v2 forward everywhere: an
+// A/B switch for benchmarks and a way out should a platform not dispatch blocks in order.
+bool chained_enabled() {
+  static const bool enabled = [] {
+    const char* e = std::getenv("MMFREE_MLGRU_FWD");
+    return e == nullptr || std::strcmp(e, "v2") != 0;
+  }();
+  return enabled;
+}
+
 // Returns true (and the launch's error) when the chained forward ran.
 bool try_chained(const MlgruScanParams& p, const Config& c, cudaError_t& err, cudaStream_t stream) {
-  if (p.variant != MlgruVariant::kBest || p.workspace == nullptr || c.V * dtype_size(p.dtype) != 16) return false;
+  if (p.variant != MlgruVariant::kBest || p.workspace == nullptr || c.V * dtype_size(p.dtype) != 16 ||
+      !chained_enabled()) {
+    return false;
+  }
   const int64_t tiles = chained_tiles(p.seqs, p.path, c);
   if (tiles == 0) return false;
   switch (p.dtype) {
