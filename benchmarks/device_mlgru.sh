@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 12 item 3 (MLGRU at bandwidth) in one device call, inside a fixed budget: build
 # (sm_90 only); the CUDA mlgru tests beside compute-sanitizer memcheck + racecheck on small
-# v3 cases (chained forward, chunk-parallel backward); then bench_mlgru --quick alone on the
-# GPU (ours vs fla-core chunk_hgrn, same run, JSON to $OUT; with MMFREE_MLGRU_FWD=v2 if the
-# chained-forward tests failed or hung) and a short table last.
+# v3 cases (multi-tile forward, chunk-parallel backward); then bench_mlgru --quick alone on the
+# GPU (ours vs fla-core chunk_hgrn and ours with the v3 backward, same run, JSON to $OUT) and a
+# short table last.
 # Usage (device): OUT=... bash benchmarks/device_mlgru.sh [seconds, default 140]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,7 @@ echo "build rc=$? at ${SECONDS}s"
 tail -2 "$OUT/build.log"
 
 PYT="python3 -m pytest -q -p no:cacheprovider"
-SMALL="chunked_backward_matches_cpu and (B2T33D33 or B3T1D7) or chunked_backward_varlen or chained_forward and B3T777D24"
+SMALL="chunked_backward_matches_cpu and (B2T33D33 or B3T1D7) or chunked_backward_varlen or multi_tile_forward and B3T777D24"
 T=$(upto 40)
 timeout "$T" $PYT -m cuda -k mlgru tests/test_mlgru.py tests/test_numerics_policy.py tests/test_large_index.py \
   tests/test_fuzz_mlgru.py > "$OUT/tests.log" 2>&1 &
@@ -31,17 +31,12 @@ timeout "$T" compute-sanitizer --tool memcheck --error-exitcode 9 $PYT tests/tes
   > "$OUT/memcheck.log" 2>&1 &
 P2=$!
 timeout "$T" compute-sanitizer --tool racecheck --error-exitcode 9 $PYT tests/test_mlgru.py \
-  -k "chunked_backward_varlen or chained_forward and B3T777D24 and dtype1" > "$OUT/racecheck.log" 2>&1 &
+  -k "chunked_backward_varlen or multi_tile_forward and B3T777D24 and dtype1" > "$OUT/racecheck.log" 2>&1 &
 P3=$!
 wait $P1; echo "tests rc=$? at ${SECONDS}s"; tail -2 "$OUT/tests.log"
 grep -E "^FAILED|^ERROR" "$OUT/tests.log" | head -12
 wait $P2; echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -2
 wait $P3; echo "racecheck rc=$?"; grep -E "RACECHECK SUMMARY|passed|failed" "$OUT/racecheck.log" | tail -2
-if grep -qE "FAILED.*chained" "$OUT/tests.log" || ! grep -qE "passed|failed" "$OUT/tests.log"; then
-  echo "chained forward failed or tests did not finish: benchmarking with MMFREE_MLGRU_FWD=v2"
-  export MMFREE_MLGRU_FWD=v2
-fi
-
 timeout "$(left)" python3 benchmarks/bench_mlgru.py --device cuda --quick --json "$OUT/bench_mlgru.json" \
   > "$OUT/bench.log" 2>&1
 echo "bench rc=$? at ${SECONDS}s"

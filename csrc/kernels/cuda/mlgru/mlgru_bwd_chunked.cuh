@@ -1,4 +1,4 @@
-// v3 MLGRU backward (the default): time split across CTAs in chunks of kChunk tokens
+// v3 MLGRU backward (MlgruPath::kChunked; the auto path runs v2): time split across CTAs in chunks of kChunk tokens
 // (benchmarks/NOTES.md, "MLGRU scan", v3). The v2 backward walked a sequence's tiles last to
 // first inside one CTA (1 token per thread per tile, 4 barriers per tile, 1 CTA/SM at 235
 // registers): latency-bound at ~6x its byte floor. Here every (chunk, channel pair) is one
@@ -136,11 +136,11 @@ __device__ __forceinline__ bool token_valid(const uint8_t* mask, int64_t t) {
 
 // K1: the chunk maps (P, b, q) of slot blockIdx.x for V channels per thread.
 template <class T, int V>
-__global__ void __launch_bounds__(kThreads) summary_kernel(const MlgruScanBwdParams p, float* ws) {
+__global__ void __launch_bounds__(kThreads) summary_kernel(const MlgruScanBwdParams p, float* ws, int64_t ch_blocks) {
   constexpr bool kFast = sizeof(T) == 2;
   const int64_t dim = p.seqs.dim;
-  const int64_t g = blockIdx.x;
-  const int64_t d0 = (static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x) * V;
+  const int64_t g = blockIdx.x / ch_blocks;
+  const int64_t d0 = ((blockIdx.x % ch_blocks) * kThreads + threadIdx.x) * V;
   if (d0 >= dim) return;
   const Chunk ch = chunk_of_slot(p.seqs, g);
   if (ch.end <= ch.begin) return;  // K2 and K3 never read an empty slot's maps
@@ -239,11 +239,12 @@ __global__ void __launch_bounds__(kThreads) carry_kernel(const MlgruScanBwdParam
 
 // K3: dL/di, dL/df of slot blockIdx.x's tokens and its dL/dlb partial (zeros for an empty slot).
 template <class T, int V>
-__global__ void __launch_bounds__(kThreads) grad_kernel(const MlgruScanBwdParams p, float* ws, int64_t slots) {
+__global__ void __launch_bounds__(kThreads) grad_kernel(const MlgruScanBwdParams p, float* ws, int64_t slots,
+                                                        int64_t ch_blocks) {
   constexpr bool kFast = sizeof(T) == 2;
   const int64_t dim = p.seqs.dim;
-  const int64_t g = blockIdx.x;
-  const int64_t d0 = (static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x) * V;
+  const int64_t g = blockIdx.x / ch_blocks;
+  const int64_t d0 = ((blockIdx.x % ch_blocks) * kThreads + threadIdx.x) * V;
   if (d0 >= dim) return;
   const Chunk ch = chunk_of_slot(p.seqs, g);
   float dlb[V];
@@ -345,9 +346,12 @@ inline bool aligned_to(const void* ptr, size_t bytes) { return (reinterpret_cast
 template <class T, int V>
 cudaError_t launch_typed(const MlgruScanBwdParams& p, float* ws, int64_t slots, cudaStream_t stream) {
   const int64_t ch_blocks = (p.seqs.dim + static_cast<int64_t>(kThreads) * V - 1) / (static_cast<int64_t>(kThreads) * V);
-  if (slots > 0x7fffffffLL || ch_blocks > 65535) return cudaErrorInvalidConfiguration;
-  const dim3 grid(static_cast<unsigned>(slots), static_cast<unsigned>(ch_blocks));
-  summary_kernel<T, V><<<grid, kThreads, 0, stream>>>(p, ws);
+  // Block = slot * ch_blocks + channel block: the CTAs resident together cover whole rows of
+  // a few chunks (as v2's do), not one column band of every row (the first H200 run had
+  // blockIdx.x = slot, blockIdx.y = channel block).
+  if (slots > 0x7fffffffLL / ch_blocks) return cudaErrorInvalidConfiguration;
+  const unsigned grid = static_cast<unsigned>(slots * ch_blocks);
+  summary_kernel<T, V><<<grid, kThreads, 0, stream>>>(p, ws, ch_blocks);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int64_t carry_blocks = (p.seqs.num_seqs * p.seqs.dim + kThreads - 1) / kThreads;
@@ -355,7 +359,7 @@ cudaError_t launch_typed(const MlgruScanBwdParams& p, float* ws, int64_t slots, 
   carry_kernel<<<static_cast<unsigned>(carry_blocks), kThreads, 0, stream>>>(p, ws);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  grad_kernel<T, V><<<grid, kThreads, 0, stream>>>(p, ws, slots);
+  grad_kernel<T, V><<<grid, kThreads, 0, stream>>>(p, ws, slots, ch_blocks);
   return cudaGetLastError();
 }
 

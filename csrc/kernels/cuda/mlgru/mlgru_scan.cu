@@ -18,7 +18,6 @@
 // sequences in order by a second kernel: no atomics, deterministic.
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 
 #include "cuda/common.cuh"
@@ -402,181 +401,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) mlgru_fwd_v2_kernel(cons
     float* last = static_cast<float*>(p.h_last) + s * dim + d0;
 #pragma unroll
     for (int k = 0; k < V; ++k) last[k] = carry[k];
-  }
-}
-
-// ---- v3 forward: one tile per CTA, chained across CTAs -----------------------------------
-//
-// v2 walks all of a sequence's tiles in one CTA: 640 CTAs at B=4 T=2048 D=2560 on 264 slots
-// (2.42 waves -> 3) and every tile's DRAM latency in series. v3 gives every tile its own CTA,
-// ordered tile-major (blockIdx = tile * chains + chain, chain = (sequence, channel block)), so
-// the tile before mine in the same chain has a block index `chains` lower: the hardware
-// dispatches blocks in index order, so it is resident or done and waiting on it cannot
-// deadlock (CUB's single-pass scan relies on the same). Per CTA: load + gate the tile, scan
-// its maps without a carry, take the state entering the tile from the previous tile's CTA
-// (flag + state in the workspace, release/acquire at GPU scope), publish this tile's
-// outgoing state, rescan and store. The flag is polled as soon as the tile's loads are
-// issued, so the predecessor's state (ready long ago in the usual case) arrives while the
-// tile is gated and scanned. Bytes: the 3 tensors plus V floats and 1 flag per tile and
-// channel vector; one cudaMemsetAsync clears the flags.
-struct LookbackArgs {
-  int W, K, blocks_per_seq;
-  int64_t tiles;  // per sequence (fixed-length batches only)
-  int* flags;     // [tiles * chains * W], 0 = not ready
-  float* states;  // [tiles * chains * W * V] state leaving each tile
-};
-
-__device__ __forceinline__ int ld_acquire_gpu(const int* ptr) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void st_release_gpu(int* ptr, int v) {
-  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(ptr), "r"(v) : "memory");
-}
-
-template <class T, int V, int U>
-__global__ void __launch_bounds__(kThreads, 3) mlgru_fwd_chained_kernel(const MlgruScanParams p,
-                                                                         const LookbackArgs a) {
-  constexpr bool kFast = sizeof(T) == 2;
-  extern __shared__ float smem[];  // NG * W * V * 2 group maps, then W * V carried states
-  const Layout L(a.W, a.K);
-  const int64_t chains = p.seqs.num_seqs * a.blocks_per_seq;
-  const int64_t j = blockIdx.x / chains, chain = blockIdx.x % chains;
-  const int64_t s = chain / a.blocks_per_seq;
-  const int64_t dim = p.seqs.dim;
-  const int64_t d0 = ((chain % a.blocks_per_seq) * L.W + L.tx) * V;
-  const bool active = d0 < dim;
-  const Range r = seq_range(p.seqs, s);
-  const int64_t tile = static_cast<int64_t>(L.K) * U;
-  const int64_t tb = r.begin + j * tile + static_cast<int64_t>(L.ty) * U;
-  const bool owner = active && L.ty == 0;  // publishes / receives this channel vector's state
-  const int64_t link = (j * chains + chain) * L.W + L.tx;  // flag index of this tile
-
-  uint4 ri[U], rf[U];
-  load_tile_raw<T, U>(p, tb, r.end, dim, d0, active, ri, rf);
-  float lb[V], omlb[V];  // before the acquire below, which orders the loads after it
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    lb[k] = (active && p.lower_bound != nullptr) ? static_cast<const float*>(p.lower_bound)[d0 + k] : 0.0f;
-    omlb[k] = 1.0f - lb[k];
-  }
-  // The state entering the tile: h0 for the first tile, else the previous tile's (polled
-  // now, so that its latency overlaps the gating and the scan).
-  float h_in[V];
-  bool have_in = true;
-  if (owner) {
-    if (j == 0) {
-#pragma unroll
-      for (int k = 0; k < V; ++k) h_in[k] = p.h0 != nullptr ? static_cast<const float*>(p.h0)[s * dim + d0 + k] : 0.0f;
-    } else {
-      have_in = ld_acquire_gpu(a.flags + link - chains * L.W) != 0;
-      if (have_in) {
-#pragma unroll
-        for (int k = 0; k < V; ++k) h_in[k] = __ldcg(a.states + (link - chains * L.W) * V + k);
-      }
-    }
-  }
-  float ft[U][V], c[U][V], A[V], b[V];
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    A[k] = 1.0f;
-    b[k] = 0.0f;
-  }
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int64_t t = tb + u;
-    const bool in = active && t < r.end;
-    const bool valid = in && (p.mask == nullptr || p.mask[t] != 0);
-    float xi[V], xf[V];
-    unpack<T, V>(ri[u], xi);
-    unpack<T, V>(rf[u], xf);
-    gate_token<kFast, V>(xi, xf, lb, omlb, valid, t < r.end, ft[u], c[u]);
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      b[k] = ft[u][k] * b[k] + c[u][k];
-      A[k] = ft[u][k] * A[k];
-    }
-  }
-  // The tile's maps scanned without a carry: each thread's exclusive map (xA, xb) over the
-  // tile, and the whole tile's map (owners only).
-  float Ae[V], be[V];
-  warp_scan<V, false>(L, A, b, Ae, be);
-  if (L.lane_in_grp == L.G - 1) {
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      smem[((L.grp * L.W + L.tx) * V + k) * 2] = A[k];
-      smem[((L.grp * L.W + L.tx) * V + k) * 2 + 1] = b[k];
-    }
-  }
-  __syncthreads();
-  float xA[V], xb[V];
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    xA[k] = 1.0f;
-    xb[k] = 0.0f;
-  }
-  for (int g = 0; g < L.grp; ++g) {
-    float ga[V], gb[V];
-    read_group<V, true>(smem, g * L.W + L.tx, ga, gb);
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      xb[k] = ga[k] * xb[k] + gb[k];
-      xA[k] = ga[k] * xA[k];
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < V; ++k) {  // then this thread's own group's exclusive part
-    xb[k] = Ae[k] * xb[k] + be[k];
-    xA[k] = Ae[k] * xA[k];
-  }
-  float* carried = smem + L.K * L.W * V * 2;
-  if (owner) {
-    float tA[V], tbv[V];
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      tA[k] = 1.0f;
-      tbv[k] = 0.0f;
-    }
-    for (int g = 0; g < L.NG; ++g) {
-      float ga[V], gb[V];
-      read_group<V, true>(smem, g * L.W + L.tx, ga, gb);
-#pragma unroll
-      for (int k = 0; k < V; ++k) {
-        tbv[k] = ga[k] * tbv[k] + gb[k];
-        tA[k] = ga[k] * tA[k];
-      }
-    }
-    if (!have_in) {
-      const int* flag = a.flags + link - chains * L.W;
-      while (ld_acquire_gpu(flag) == 0) __nanosleep(64);
-#pragma unroll
-      for (int k = 0; k < V; ++k) h_in[k] = __ldcg(a.states + (link - chains * L.W) * V + k);
-    }
-    float h_out[V];
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      h_out[k] = tA[k] * h_in[k] + tbv[k];
-      __stcg(a.states + link * V + k, h_out[k]);
-      carried[L.tx * V + k] = h_in[k];
-    }
-    st_release_gpu(a.flags + link, 1);  // orders the state stores before the flag
-    if (j == a.tiles - 1) {
-      float* last = static_cast<float*>(p.h_last) + s * dim + d0;
-#pragma unroll
-      for (int k = 0; k < V; ++k) last[k] = h_out[k];
-    }
-  }
-  __syncthreads();
-  float h[V];
-#pragma unroll
-  for (int k = 0; k < V; ++k) h[k] = xA[k] * carried[L.tx * V + k] + xb[k];
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-#pragma unroll
-    for (int k = 0; k < V; ++k) h[k] = ft[u][k] * h[k] + c[u][k];
-    if (active && tb + u < r.end) store_stream<T, V>(p.h, (tb + u) * dim + d0, h);
   }
 }
 
@@ -977,66 +801,9 @@ cudaError_t bwd_typed(const MlgruScanBwdParams& p, const Config& c, const Kernel
   return cudaGetLastError();
 }
 
-// Tiles per sequence of the chained forward (v3), or 0 where it does not run: varlen, a
-// forced path, the sequential configuration, or one tile covering each sequence (decode).
-int64_t chained_tiles(const MlgruSeqs& q, MlgruPath path, const Config& c) {
-  if (q.cu_seqlens != nullptr || path != MlgruPath::kAuto || c.K < 2) return 0;
-  const int64_t tiles = (q.seq_len + c.tile - 1) / c.tile;
-  return tiles >= 2 ? tiles : 0;
-}
-
-// Flags (ints) then states: one flag and V floats per (tile, chain, channel vector).
-int64_t chained_workspace_floats(const MlgruSeqs& q, DType dtype, MlgruPath path) {
-  const Config c = fwd_config(q, dtype, path, true, MlgruVariant::kBest);
-  const int64_t tiles = chained_tiles(q, path, c);
-  return tiles * q.num_seqs * c.blocks_per_seq * c.W * (1 + c.V);
-}
-
-template <class T>
-cudaError_t launch_chained(const MlgruScanParams& p, const Config& c, int64_t tiles, cudaStream_t stream) {
-  constexpr int kV = 16 / sizeof(T);
-  const int64_t links = tiles * p.seqs.num_seqs * c.blocks_per_seq;
-  if (links > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  int* flags = reinterpret_cast<int*>(p.workspace);
-  const LookbackArgs a{c.W, c.K, c.blocks_per_seq, tiles, flags, p.workspace + links * c.W};
-  cudaError_t err = cudaMemsetAsync(flags, 0, static_cast<size_t>(links * c.W) * sizeof(int), stream);
-  if (err != cudaSuccess) return err;
-  const size_t smem = c.smem_bytes + static_cast<size_t>(c.W) * kV * sizeof(float);
-  mlgru_fwd_chained_kernel<T, kV, 2><<<static_cast<unsigned>(links), c.W * c.K, smem, stream>>>(p, a);
-  return cudaGetLastError();
-}
-
-// MMFREE_MLGRU_FWD=v2 in the environment (read once) keeps the v2 forward everywhere: an
-// A/B switch for benchmarks and a way out should a platform not dispatch blocks in order.
-bool chained_enabled() {
-  static const bool enabled = [] {
-    const char* e = std::getenv("MMFREE_MLGRU_FWD");
-    return e == nullptr || std::strcmp(e, "v2") != 0;
-  }();
-  return enabled;
-}
-
-// Returns true (and the launch's error) when the chained forward ran.
-bool try_chained(const MlgruScanParams& p, const Config& c, cudaError_t& err, cudaStream_t stream) {
-  if (p.variant != MlgruVariant::kBest || p.workspace == nullptr || c.V * dtype_size(p.dtype) != 16 ||
-      !chained_enabled()) {
-    return false;
-  }
-  const int64_t tiles = chained_tiles(p.seqs, p.path, c);
-  if (tiles == 0) return false;
-  switch (p.dtype) {
-    case DType::kFloat32: err = launch_chained<float>(p, c, tiles, stream); return true;
-    case DType::kBFloat16: err = launch_chained<__nv_bfloat16>(p, c, tiles, stream); return true;
-    case DType::kFloat16: err = launch_chained<__half>(p, c, tiles, stream); return true;
-    default: return false;
-  }
-}
-
 }  // namespace
 
-int64_t mlgru_workspace_floats(const MlgruSeqs& q, DType dtype, MlgruPath path) {
-  return chained_workspace_floats(q, dtype, path);
-}
+int64_t mlgru_workspace_floats(const MlgruSeqs&, DType, MlgruPath) { return 0; }
 
 // Either layout fits: the chunk-parallel backward's summaries and partials, or the v1/v2
 // checkpoints followed by the [S, D] dL/dlb partials (which one runs is chosen at launch).
@@ -1049,8 +816,6 @@ int64_t mlgru_bwd_workspace_floats(const MlgruSeqs& q, DType dtype, MlgruPath pa
 cudaError_t mlgru_scan(const MlgruScanParams& p, cudaStream_t stream) {
   if (p.seqs.num_seqs == 0 || p.seqs.dim == 0) return cudaSuccess;
   const Config c = fwd_config(p.seqs, p.dtype, p.path, vector_ok_fwd(p), p.variant);
-  cudaError_t err = cudaSuccess;
-  if (try_chained(p, c, err, stream)) return err;
   const KernelArgs a{c.W, c.K, c.blocks_per_seq, nullptr, nullptr};
   return fwd_dispatch(p, c, a, false, stream);
 }
@@ -1058,9 +823,10 @@ cudaError_t mlgru_scan(const MlgruScanParams& p, cudaStream_t stream) {
 cudaError_t mlgru_scan_backward(const MlgruScanBwdParams& p, cudaStream_t stream) {
   if (p.seqs.num_seqs == 0 || p.seqs.dim == 0) return cudaSuccess;
   if (p.workspace == nullptr) return cudaErrorInvalidValue;
-  // v3 (default): chunks of time across CTAs (mlgru_bwd_chunked.cuh). The forced sequential
-  // path and the older variants run the tiled kernels below (kept as a cross-check).
-  if (p.variant == MlgruVariant::kBest && p.path != MlgruPath::kSequential) return mlgru_chunked::backward(p, stream);
+  // v3, chunks of time across CTAs (mlgru_bwd_chunked.cuh), runs for the forced chunked path
+  // only: measured slower than v2 in its first H200 run (benchmarks/NOTES.md, "v3 backward"),
+  // so the auto path keeps the v2 tiled kernels below until a same-run A/B says otherwise.
+  if (p.variant == MlgruVariant::kBest && p.path == MlgruPath::kChunked) return mlgru_chunked::backward(p, stream);
   const Config c = bwd_config(p.seqs, p.dtype, p.path, vector_ok_bwd(p), p.variant);
   const int64_t slots = bwd_checkpoint_slots(p.seqs, p.dtype, p.path);
   float* checkpoints = p.workspace;
