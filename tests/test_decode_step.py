@@ -199,6 +199,20 @@ def test_decode_step_v4_cluster_sizes(monkeypatch: pytest.MonkeyPatch, cluster: 
 
 
 @pytest.mark.cuda
+def test_decode_step_v4_where_it_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clusters of 1 cannot hold the 2.7B's I rows (P = 128 canonical threads > 32): `force`
+    raises, `1` falls back to v3 (still bit-identical)."""
+    _use_v4(monkeypatch, cluster=1)
+    model = _real_shape_model(2560, 6912)
+    tokens = torch.zeros(1, dtype=torch.long, device="cuda")
+    state = torch.zeros(2, 1, 2560, device="cuda")
+    with pytest.raises(RuntimeError, match="operation not supported"):
+        decode_weights(model).step(tokens, state)
+    monkeypatch.setenv("MMFREE_DECODE_V4", "1")
+    _check_steps(model, 1, steps=1)
+
+
+@pytest.mark.cuda
 def test_decode_step_v4_cuda_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     _use_v4(monkeypatch)
     test_decode_step_cuda_graph(monkeypatch, "fused", 1)  # graph replay == eager, both v4

@@ -98,6 +98,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_step_kernel_v4(const __gri
 
   stage_phase_weights<T>(p, 0, ring_of(0));
   cp_async_commit();
+  cluster_sync();  // every CTA of the cluster has started: its shared memory may be written
   for (int k = 0; k <= nph; ++k) {
     const int l = k / 4, g = k % 4;
     const bool last = k == nph;
@@ -309,10 +310,12 @@ cudaError_t launch_v4(const KParams& kp, int budget, cudaStream_t stream) {
   err = cudaMemsetAsync(kp.bar, 0, 64, stream);
   if (err != cudaSuccess) return err;
   err = cudaLaunchKernelEx(&cfg, kernel, k);
-  if (err != cudaSuccess && mode == 1) {
-    (void)cudaGetLastError();  // a refused configuration is not sticky: run v3 from now on
-    failed.store(1);
-    return cudaErrorNotSupported;
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // a refused configuration is not sticky: clear it
+    if (mode == 1) {            // ... and run v3 from now on
+      failed.store(1);
+      return cudaErrorNotSupported;
+    }
   }
   return err;
 }
