@@ -103,6 +103,9 @@ def run_model(size: str, batches: list[int], mode: str, new_tokens: int) -> None
             for name in VARIANTS if b == 1 else ["v3"]:
                 with _env(VARIANTS[name]):
                     _try(row, f"fused_{name}_us", _graph_us, fused_step, reps=50 if b < 64 else 10)
+            if "fused_v4_us_error" in row:  # refused: measure it without the cooperative attribute
+                with _env({**VARIANTS["v4"], "MMFREE_DECODE_V4_COOP": "0"}):
+                    _try(row, "fused_v4_nocoop_us", _graph_us, fused_step, reps=50)
         row["ops_us"] = _graph_us(functools.partial(model, tokens.view(-1, 1), state), reps=10)
         if b == 1:
             gen = torch.Generator().manual_seed(0)

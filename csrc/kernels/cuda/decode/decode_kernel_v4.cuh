@@ -307,6 +307,14 @@ cudaError_t launch_v4(const KParams& kp, int budget, cudaStream_t stream) {
   attrs[1].val.clusterDim.z = 1;
   cfg.attrs = attrs;
   cfg.numAttrs = 2;
+  // Diagnostics only: MMFREE_DECODE_V4_COOP=0 drops the cooperative attribute (should a driver
+  // refuse it together with clusters), leaving co-residency to the occupancy check above: a
+  // grid barrier could then hang if another kernel held SMs. Never the default.
+  const char* coop = std::getenv("MMFREE_DECODE_V4_COOP");
+  if (coop != nullptr && std::strcmp(coop, "0") == 0) {
+    cfg.attrs = attrs + 1;
+    cfg.numAttrs = 1;
+  }
   err = cudaMemsetAsync(kp.bar, 0, 64, stream);
   if (err != cudaSuccess) return err;
   err = cudaLaunchKernelEx(&cfg, kernel, k);
