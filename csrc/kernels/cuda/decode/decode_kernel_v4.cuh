@@ -106,8 +106,57 @@ __global__ void __launch_bounds__(kThreads, 1) decode_step_kernel_v4(const __gri
     const int nprod = !last && g == 0 ? 3 : 1;
     const int nch = static_cast<int>(2 * ternary::blocks_per_row(K));
     const int prow = nch * 64;  // plane_row_bytes(K)
-    // Codes past K in the last 128-weight block must be zeros (the planes hold stale bytes):
-    // byte stores to those positions only, which no rank's code stores touch.
+    const bool rowk = last || g == 0 || g == 2;  // (residual +) norm, then the quantization
+    const bool has_res = l > 0 || g == 2 || last;
+    const V4Row r = !last && g == 3 ? ri : rh;
+    // 1. This thread's row inputs and norm weights, one wave of loads issued before anything
+    // else (their round trip is the phase's critical path): rows of h: x, res, the norm and
+    // quantization weights; the MLGRU phase: gi, gf, gg, lower bounds, old state, g_norm and
+    // o_proj.norm; down_proj: u's two halves and its norm.
+    uint4 v0 = make_uint4(0, 0, 0, 0), v1 = v0, v2 = v0;
+    float w0[N], wq[3][N], f0[N], f1[N];
+    if (r.vi >= 0) {
+      const int off = r.vi * N;
+      if (rowk) {
+        const char* wn_row = last ? static_cast<const char*>(p.final_norms) : norm_w(l, g == 0 ? kNormAttn : kNormMlp);
+        const char* wq_row = wn_row + static_cast<int64_t>(h) * wsize;  // i (f, g) / gate_proj / lm_head norm
+        if (l == 0 && g == 0 && !last) {
+          const int64_t tok = p.tokens[0];
+          if (tok < 0 || tok >= p.V) __trap();  // as F.embedding's device assert
+          v0 = ld_ro(static_cast<const T*>(p.emb) + tok * h + off);
+        } else {
+          v0 = ld_cg((g == 2 && !last ? attn : delta) + off);
+        }
+        if (has_res) v1 = ld_cg(xin + off);
+        load_w32<T, N>(wn_row, wf32, off, w0);
+#pragma unroll
+        for (int pw = 0; pw < 3; ++pw) {
+          if (pw < nprod) load_w32<T, N>(wq_row + static_cast<int64_t>(pw) * h * wsize, wf32, off, wq[pw]);
+        }
+        // Cluster 0 moves the new MLGRU state into `state` (every CTA has read the old one
+        // in phase g = 1), each CTA its own vectors.
+        if (writer && g == 2 && !last) load_f32_cg<N>(p.snew + off, f0);
+      } else if (g == 1) {
+        v0 = ld_cg(ifg + off);
+        v1 = ld_cg(ifg + h + off);
+        v2 = ld_cg(ifg + 2 * h + off);
+        if (l > 0) {
+          load_w32<float, N>(reinterpret_cast<const char*>(p.lb + static_cast<int64_t>(l) * h), false, off, f0);
+        } else {
+#pragma unroll
+          for (int i = 0; i < N; ++i) f0[i] = 0.0f;
+        }
+        load_f32_cg<N>(p.state + l * p.state_stride + off, f1);
+        load_w32<T, N>(norm_w(l, kNormGateOut), wf32, off, w0);
+        load_w32<T, N>(norm_w(l, kNormO), wf32, off, wq[0]);
+      } else {
+        v0 = ld_cg(u + off);
+        v1 = ld_cg(u + I + off);
+        load_w32<T, N>(static_cast<const char*>(p.down_norms) + static_cast<int64_t>(l) * I * wsize, wf32, off, wq[0]);
+      }
+    }
+    // 2. Codes past K in the last 128-weight block must be zeros (the planes hold stale
+    // bytes): byte stores to those positions only, which no rank's code stores touch.
     if (K % ternary::kBlockWeights != 0) {
       const int padn = nch * 64 - K;
       for (int i = threadIdx.x; i < nprod * padn; i += kThreads) {
@@ -115,8 +164,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_step_kernel_v4(const __gri
         planes[pw * prow + plane_offset32(K + i - pw * padn, nch)] = 0;
       }
     }
-    // The next phase's weight slice into the ring; L2 prefetches a phase further, and of the
-    // next phase's norm vectors.
+    // 3. The next phase's weight slice into the ring; L2 prefetches a phase further, and of
+    // the next phase's norm vectors.
     if (k + 1 < nph) stage_phase_weights<T>(p, k + 1, ring_of(k + 1));
     cp_async_commit();
     if (k + 2 <= nph) prefetch_gemv<T>(p, (k + 2) / 4, (k + 2) % 4);
@@ -126,35 +175,15 @@ __global__ void __launch_bounds__(kThreads, 1) decode_step_kernel_v4(const __gri
       norms_of(k + 1, w, wbytes);
       prefetch_l2(reinterpret_cast<const uint8_t*>(w), wbytes);
     }
-    if (blockIdx.x == 0 && !last && g == 2) {  // every CTA has read the old state (phase g = 1)
-      float* st = p.state + l * p.state_stride;
-      for (int i = threadIdx.x; i < h; i += kThreads) st[i] = __ldcg(p.snew + i);
-    }
-    // The row math: codes of the product inputs into every rank's planes.
-    float a[N];
-    if (last || g == 0 || g == 2) {
-      const bool has_res = l > 0 || g == 2 || last;
-      const char* wn_row = last ? static_cast<const char*>(p.final_norms) : norm_w(l, g == 0 ? kNormAttn : kNormMlp);
-      const char* wq_row = wn_row + static_cast<int64_t>(h) * wsize;  // i (f, g) / gate_proj / lm_head norm
-      uint4 sx = make_uint4(0, 0, 0, 0), sr = make_uint4(0, 0, 0, 0);
-      float wn[N], wq[3][N];
-      if (rh.vi >= 0) {
-        const int off = rh.vi * N;
-        if (l == 0 && g == 0) {
-          const int64_t tok = p.tokens[0];
-          if (tok < 0 || tok >= p.V) __trap();  // as F.embedding's device assert
-          sx = ld_ro(static_cast<const T*>(p.emb) + tok * h + off);
-        } else {
-          sx = ld_cg((g == 2 && !last ? attn : delta) + off);
-        }
-        if (has_res) sr = ld_cg(xin + off);
-        load_w32<T, N>(wn_row, wf32, off, wn);
+    if (writer && g == 2 && !last && r.vi >= 0) {
+      float4* st = reinterpret_cast<float4*>(p.state + l * p.state_stride + r.vi * N);
 #pragma unroll
-        for (int pw = 0; pw < 3; ++pw) {
-          if (pw < nprod) load_w32<T, N>(wq_row + static_cast<int64_t>(pw) * h * wsize, wf32, off, wq[pw]);
-        }
-      }
-      residual_norm_v4<T>(rh, sx, sr, has_res, writer && !last ? xout : nullptr, wn, p.eps, cbuf, xch, rank, cs, a);
+      for (int q = 0; q < N / 4; ++q) st[q] = make_float4(f0[4 * q], f0[4 * q + 1], f0[4 * q + 2], f0[4 * q + 3]);
+    }
+    // 4. The row math: codes of the product inputs into every rank's planes.
+    float a[N];
+    if (rowk) {
+      residual_norm_v4<T>(rh, v0, v1, has_res, writer && !last ? xout : nullptr, w0, p.eps, cbuf, xch, rank, cs, a);
       if (nprod == 3) {
         quant_v4<T, 3>(rh, a, wq, p.eps, cbuf, xch, planes, prow, nch, sscale, sxsum, rank, cs);
       } else {
@@ -166,40 +195,17 @@ __global__ void __launch_bounds__(kThreads, 1) decode_step_kernel_v4(const __gri
         xout = t;
       }
     } else if (g == 1) {
-      uint4 gi = make_uint4(0, 0, 0, 0), gf = gi, gg = gi;
-      float lbv[N], carry[N], wg[N], wo[1][N];
-      if (rh.vi >= 0) {
-        const int off = rh.vi * N;
-        gi = ld_cg(ifg + off);
-        gf = ld_cg(ifg + h + off);
-        gg = ld_cg(ifg + 2 * h + off);
-        if (l > 0) {
-          load_w32<float, N>(reinterpret_cast<const char*>(p.lb + static_cast<int64_t>(l) * h), false, off, lbv);
-        } else {
-#pragma unroll
-          for (int i = 0; i < N; ++i) lbv[i] = 0.0f;
-        }
-        load_f32_cg<N>(p.state + l * p.state_stride + off, carry);
-        load_w32<T, N>(norm_w(l, kNormGateOut), wf32, off, wg);
-        load_w32<T, N>(norm_w(l, kNormO), wf32, off, wo[0]);
-      }
-      mlgru_gate_v4<T>(rh, gi, gf, gg, lbv, carry, writer ? p.snew : nullptr, wg, p.eps, cbuf, xch, rank, cs, a);
-      quant_v4<T, 1>(rh, a, wo, p.eps, cbuf, xch, planes, prow, nch, sscale, sxsum, rank, cs);
+      mlgru_gate_v4<T>(rh, v0, v1, v2, f0, f1, writer ? p.snew : nullptr, w0, p.eps, cbuf, xch, rank, cs, a);
+      quant_v4<T, 1>(rh, a, wq, p.eps, cbuf, xch, planes, prow, nch, sscale, sxsum, rank, cs);
     } else {
-      float wd[1][N];
-      if (ri.vi >= 0) {
-        const int off = ri.vi * N;
-        const uint4 ua = ld_cg(u + off), ub = ld_cg(u + I + off);
-        load_w32<T, N>(static_cast<const char*>(p.down_norms) + static_cast<int64_t>(l) * I * wsize, wf32, off, wd[0]);
-        silu_mul_v4<T>(ua, ub, a);
-      }
-      quant_v4<T, 1>(ri, a, wd, p.eps, cbuf, xch, planes, prow, nch, sscale, sxsum, rank, cs);
+      if (ri.vi >= 0) silu_mul_v4<T>(v0, v1, a);
+      quant_v4<T, 1>(ri, a, wq, p.eps, cbuf, xch, planes, prow, nch, sscale, sxsum, rank, cs);
     }
     // After the last cluster barrier of the row math no CTA touches another's shared memory
     // until the next phase, so a CTA may also leave the kernel after the lm_head freely.
     cp_async_wait<1>();  // this phase's weight slice has landed
     __syncthreads();     // ... for every thread; the local pad zeros and statistics too
-    // The product.
+    // 5. The product.
     auto job = [&](int q) { return phase_job_v2<T, 1>(p, l, g, q, sscale, sxsum); };
     if (last) {
       gemv_phase<1, T, true>(job, 1, 1, h, 0, smem, 0);
