@@ -3,11 +3,12 @@
 # short device call, BUDGET seconds in all (default 150). Assumes the extension is already
 # built in place for sm_90 (python/mmfree_ext/_C*.so; PYTHONPATH=python). Steps:
 #   1. the v4 bitwise tests of test_decode_step.py (tiny fp32/bf16/fp16, odd h = 200, the 1.3B
-#      and 2.7B layer shapes at batch 1, cluster sizes 1/2/4, graph capture);
+#      and 2.7B layer shapes at batch 1, cluster sizes 1/2/4, force / fallback, graph capture),
+#      and the small fused v3 / v1 ones;
 #   2. compute-sanitizer memcheck and racecheck on the small batch-1 v4 cases, side by side;
 #   3. decode_variants.py at batch 1: GPU us per step of v4 (clusters of 8 and 4), v3, v2 and
 #      op by op (CUDA-graph replays), v4 == v3 bitwise on the full models, generate() tok/s;
-#   4. the rest of the CUDA tests of test_decode_step.py while time is left.
+#   4. the rest of the CUDA tests of test_decode_step.py while time is left (little, at 150).
 # Logs land in $OUT.
 #
 #   BUDGET=150 bash benchmarks/device_decode_v4.sh
@@ -23,8 +24,9 @@ left() { local s=$((BUDGET - SECONDS)); echo $((s > 1 ? s : 1)); }
 cap() { local l; l=$(left); echo $(($1 < l ? $1 : l)); }  # a step's timeout: its own, or what is left
 step() { echo "=== $* (t=${SECONDS}s)"; }
 
-step v4 bitwise tests
-timeout "$(cap 45)" $PYT $T -m cuda -k v4 > "$OUT/tests_v4.log" 2>&1
+step "v4 bitwise tests, and the tiny fused v3 / v1 ones (the CTA row split changed for all)"
+timeout "$(cap 50)" $PYT $T -m cuda -k "v4 or (fused and (matches_op_by_op or odd_hidden or graph))" \
+  > "$OUT/tests_v4.log" 2>&1
 echo "v4 tests rc=$? $(tail -1 "$OUT/tests_v4.log")"
 grep -E "^(FAILED|ERROR)|Error" "$OUT/tests_v4.log" | head -10
 
@@ -45,6 +47,7 @@ timeout "$(cap 60)" python3 benchmarks/decode_variants.py --batch 1 > "$OUT/vari
 echo "variants rc=$?"; cat "$OUT/variants.jsonl"; tail -3 /tmp/variants.err
 
 step remaining decode CUDA tests
-timeout "$(cap 200)" $PYT $T -m cuda -k "not v4" > "$OUT/tests.log" 2>&1
+timeout "$(cap 200)" $PYT $T -m cuda -k "not v4 and not matches_op_by_op and not odd_hidden and not graph" \
+  > "$OUT/tests.log" 2>&1
 echo "tests rc=$? $(tail -1 "$OUT/tests.log")"
 step end
