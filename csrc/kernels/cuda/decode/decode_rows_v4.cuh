@@ -40,7 +40,7 @@ constexpr int kClusterSlots = kMaxCluster * kWarps;  // per-warp partials of one
 __device__ __forceinline__ int cluster_rank() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   unsigned r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
   return static_cast<int>(r);
 #else
   return 0;
@@ -49,7 +49,7 @@ __device__ __forceinline__ int cluster_rank() {
 __device__ __forceinline__ int cluster_size() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   unsigned r;
-  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(r));
+  asm("mov.u32 %0, %%cluster_nctarank;" : "=r"(r));
   return static_cast<int>(r);
 #else
   return 1;
@@ -69,7 +69,7 @@ template <class P>
 __device__ __forceinline__ P* peer(P* p, int r) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   uint64_t out;
-  asm volatile("mapa.u64 %0, %1, %2;" : "=l"(out) : "l"(reinterpret_cast<uint64_t>(p)), "r"(r));
+  asm("mapa.u64 %0, %1, %2;" : "=l"(out) : "l"(reinterpret_cast<uint64_t>(p)), "r"(r));  // pure
   return reinterpret_cast<P*>(out);
 #else
   (void)r;
