@@ -156,6 +156,68 @@ def test_decode_step_cuda_graph(monkeypatch: pytest.MonkeyPatch, path: str, batc
     assert torch.equal(logits, eager) and torch.equal(graph_state, eager_state)
 
 
+def _use_v4(monkeypatch: pytest.MonkeyPatch, cluster: int | None = None) -> None:
+    """The fused path with the v4 batch-1 kernel forced (an error where it cannot run, so a
+    test never passes on v3 silently); skips below sm_90 (v4 needs thread-block clusters)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the v4 decode kernel needs sm_90 (thread-block clusters)")
+    monkeypatch.setenv("MMFREE_DECODE_CUDA", "fused")
+    monkeypatch.setenv("MMFREE_DECODE_V4", "force")
+    if cluster is not None:
+        monkeypatch.setenv("MMFREE_DECODE_V4_CLUSTER", str(cluster))
+
+
+#: Batch-1 models the v4 kernel must match the op-by-op path on (tiny: h = 96, I = 200, not
+#: multiples of the 128-weight block; odd: h = 200; the real shapes' 2 layers).
+V4_MODELS = [
+    pytest.param(lambda: _packed_model("cuda", torch.float32), id="tiny-f32"),
+    pytest.param(lambda: _packed_model("cuda", torch.bfloat16), id="tiny-bf16"),
+    pytest.param(lambda: _packed_model("cuda", torch.float16), id="tiny-f16"),
+    pytest.param(
+        lambda: _packed_model("cuda", torch.bfloat16, hidden_size=200, intermediate_size=520, num_hidden_layers=2),
+        id="odd-h200",
+    ),
+    pytest.param(lambda: _real_shape_model(2048, 5632), id="1.3B-shape"),
+    pytest.param(lambda: _real_shape_model(2560, 6912), id="2.7B-shape"),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("make", V4_MODELS)
+def test_decode_step_v4_matches_op_by_op(monkeypatch: pytest.MonkeyPatch, make) -> None:
+    _use_v4(monkeypatch)
+    _check_steps(make(), 1, steps=2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cluster", [1, 2, 4])  # 8: the default, in the test above
+def test_decode_step_v4_cluster_sizes(monkeypatch: pytest.MonkeyPatch, cluster: int) -> None:
+    """The cluster exchange at every size (rows split 1 / 2 / 4 ways, the canonical sums kept;
+    h = 200 and I = 520 have P = 32 canonical threads, so even one CTA per cluster fits)."""
+    _use_v4(monkeypatch, cluster)
+    _check_steps(_packed_model("cuda", torch.bfloat16, hidden_size=200, intermediate_size=520), 1, steps=2)
+
+
+@pytest.mark.cuda
+def test_decode_step_v4_where_it_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clusters of 1 cannot hold the 2.7B's I rows (P = 128 canonical threads > 32): `force`
+    raises, `1` falls back to v3 (still bit-identical)."""
+    _use_v4(monkeypatch, cluster=1)
+    model = _real_shape_model(2560, 6912)
+    tokens = torch.zeros(1, dtype=torch.long, device="cuda")
+    state = torch.zeros(2, 1, 2560, device="cuda")
+    with pytest.raises(RuntimeError, match="operation not supported"):
+        decode_weights(model).step(tokens, state)
+    monkeypatch.setenv("MMFREE_DECODE_V4", "1")
+    _check_steps(model, 1, steps=1)
+
+
+@pytest.mark.cuda
+def test_decode_step_v4_cuda_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    _use_v4(monkeypatch)
+    test_decode_step_cuda_graph(monkeypatch, "fused", 1)  # graph replay == eager, both v4
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_decode_step_opcheck(device: str) -> None:
     model = _packed_model(device, torch.float32)

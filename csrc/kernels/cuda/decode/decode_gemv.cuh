@@ -63,6 +63,16 @@ __device__ __forceinline__ int4 load_codes16(const int8_t* row, int64_t k0, int6
   return make_int4(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]), static_cast<int>(w[3]));
 }
 
+// total * b / gridDim.x: the first of CTA b's rows when `total` rows are cut into gridDim.x
+// contiguous ranges. In 32 bits where the product fits (every real shape: total < 2^24 rows,
+// grids <= 256 CTAs; the same value), since a 64-bit division costs ~70 instructions and
+// every thread evaluates several per phase.
+__device__ __forceinline__ int64_t cta_split(int64_t total, unsigned b) {
+  if (total >= 0 && total < (int64_t{1} << 24) && gridDim.x <= 256u)
+    return static_cast<int64_t>(static_cast<uint32_t>(total) * b / gridDim.x);
+  return total * b / gridDim.x;
+}
+
 // Issues L2 prefetches of the weight bytes [begin, end) (16-byte aligned) across the CTA, so
 // that the next product phase's weights stream from DRAM while this phase (and its grid
 // barrier) runs: the weights do not depend on the activations.
@@ -210,7 +220,7 @@ __device__ void gemv_phase(JobOf job, int njobs, int B, int64_t K, int64_t code_
   const int64_t planes = static_cast<int64_t>(MT) * 4 * 2 * (ternary::row_bytes(K) / ternary::kBlockBytes);
   int64_t total = 0;
   for (int q = 0; q < njobs; ++q) total += job(q).N;
-  const int64_t r0 = total * blockIdx.x / gridDim.x, r1 = total * (blockIdx.x + 1) / gridDim.x;
+  const int64_t r0 = cta_split(total, blockIdx.x), r1 = cta_split(total, blockIdx.x + 1);
   int64_t start = 0;
   for (int q = 0; q < njobs; ++q) {
     const GemvJob jb = job(q);
@@ -230,7 +240,7 @@ __device__ __forceinline__ void prefetch_phase(JobOf job, int njobs, int64_t K) 
   const int64_t rb = ternary::row_bytes(K);
   int64_t total = 0;
   for (int q = 0; q < njobs; ++q) total += job(q).N;
-  const int64_t r0 = total * blockIdx.x / gridDim.x, r1 = total * (blockIdx.x + 1) / gridDim.x;
+  const int64_t r0 = cta_split(total, blockIdx.x), r1 = cta_split(total, blockIdx.x + 1);
   int64_t start = 0;
   for (int q = 0; q < njobs; ++q) {
     const GemvJob jb = job(q);

@@ -466,6 +466,23 @@ inline bool v3_enabled() {
 template <class T>
 cudaError_t launch_v3(const KParams& kp, int budget, cudaStream_t stream);
 
+// MMFREE_DECODE_V4 (the v4 batch-1 kernel, thread-block clusters, sm_90): unset / "0": off (v3
+// runs; the default until v4 is measured faster and bit-identical on the H200); "1": on where
+// it runs, v3 elsewhere (and from a first refused launch on); "force": on, and an error where
+// it does not run (tests and benchmarks: a v4 result is never a silent v3 one).
+inline int v4_mode() {
+  const char* v = std::getenv("MMFREE_DECODE_V4");
+  if (v == nullptr) return 0;
+  if (std::strcmp(v, "1") == 0) return 1;
+  if (std::strcmp(v, "force") == 0) return 2;
+  return 0;
+}
+
+// v4 (decode_kernel_v4.cuh, instantiated per dtype in decode_step_v4_<dtype>.cu):
+// cudaErrorNotSupported where it does not apply.
+template <class T>
+cudaError_t launch_v4(const KParams& kp, int budget, cudaStream_t stream);
+
 // One launch per dtype; each dtype's kernels are compiled in their own file
 // (decode_step_<dtype>.cu) so the build runs them in parallel.
 template <class T>
@@ -491,9 +508,11 @@ cudaError_t launch_typed(const KParams& kp, int smem_rows, cudaStream_t stream) 
     if (smem > budget) return cudaErrorNotSupported;
     return launch<T, MT, true>(kp, static_cast<int>(smem), budget, stream);
   };
-  // v3 at batch 1 where it applies; v2 (no row phases) for batches up to kV2MaxBatch where
+  // v4 at batch 1 where it is on and applies, else v3 where it applies; v2 (no row phases) for batches up to kV2MaxBatch where
   // its shared memory fits; v1 with the tiles 8 (1..8 rows) and 64 (9..64) otherwise.
   if (kp.B == 1) {
+    const cudaError_t err4 = launch_v4<T>(kp, budget, stream);
+    if (err4 != cudaErrorNotSupported || v4_mode() == 2) return err4;
     const cudaError_t err3 = launch_v3<T>(kp, budget, stream);
     if (err3 != cudaErrorNotSupported) return err3;
   }

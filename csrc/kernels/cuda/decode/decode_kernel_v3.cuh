@@ -89,7 +89,7 @@ __device__ __forceinline__ void phase_slices(const KParams& p, int k, Fn fn) {
   const int nj = phase_jobs(p, l, g);
   int64_t total = 0;
   for (int q = 0; q < nj; ++q) total += phase_job<T>(p, l, g, q).N;
-  const int64_t r0 = total * blockIdx.x / gridDim.x, r1 = total * (blockIdx.x + 1) / gridDim.x;
+  const int64_t r0 = cta_split(total, blockIdx.x), r1 = cta_split(total, blockIdx.x + 1);
   int64_t start = 0;
   for (int q = 0; q < nj; ++q) {
     const GemvJob jb = phase_job<T>(p, l, g, q);
