@@ -1,6 +1,7 @@
 // Inline-PTX helpers of the sm_90a ternary GEMM (gemm_sm90.cu): mbarriers, the async-proxy
-// fence, wgmma descriptors, fences and the two int8 wgmma shapes it uses. Include only from
-// code compiled for sm_90a (wgmma and setmaxnreg do not exist elsewhere).
+// fence, cluster barriers and DSMEM loads, wgmma descriptors, fences and the two int8
+// wgmma shapes it uses. Include only from code compiled for sm_90a (wgmma and setmaxnreg
+// do not exist elsewhere).
 #pragma once
 
 #include <cstdint>
@@ -37,6 +38,34 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 // Orders this thread's generic-proxy shared-memory accesses with the async proxy (wgmma
 // reads its operands through the async proxy).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Thread-block clusters (the split-K mode of gemm_sm90.cu). This CTA's rank in its cluster.
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// Every thread of every CTA of the cluster arrives (release: its earlier shared-memory
+// writes become visible cluster-wide), then waits for all of them (acquire).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// 16 bytes at shared-memory address `addr` of this CTA, read from the CTA of rank `rank`
+// in the cluster (distributed shared memory: the same offset in that CTA's window).
+__device__ __forceinline__ int4 ld_dsmem16(uint32_t addr, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
+  int4 v;
+  asm volatile("ld.shared::cluster.v4.s32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(remote)
+               : "memory");
+  return v;
+}
+// Waits at named barrier `id` for `count` threads (whole warps).
+__device__ __forceinline__ void named_barrier_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
 
 template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() {
