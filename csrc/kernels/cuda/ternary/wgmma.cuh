@@ -48,7 +48,7 @@ __device__ __forceinline__ uint32_t cluster_ctarank() {
 // Every thread of every CTA of the cluster arrives (release: its earlier shared-memory
 // writes become visible cluster-wide), then waits for all of them (acquire).
 __device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
 }
 // 16 bytes at shared-memory address `addr` of this CTA, read from the CTA of rank `rank`
 // in the cluster (distributed shared memory: the same offset in that CTA's window).
