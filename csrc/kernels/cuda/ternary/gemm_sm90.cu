@@ -469,9 +469,12 @@ int sm90_split_override() {
 
 int sm90_split_count(int64_t M, int64_t N, int64_t K, int sms) {
   if (!kSm90SplitAuto) return 1;
-  // Candidate rule (not measured yet): split only where the unsplit 128 x 128 grid leaves
-  // more than a third of the SMs idle, into the most ways whose grid still fits one wave
-  // of 128 x 256 tiles, each rank keeping at least 8 k-tiles (4 stages + the reduction).
+  // Candidate rule (not measured yet): from one full 128-row tile (below, the small-M
+  // split kernel), split only where the unsplit 128 x 128 grid leaves more than a third of
+  // the SMs idle, into the most ways whose grid still fits one wave of 128 x 256 tiles,
+  // each rank keeping at least 8 k-tiles (against the pipeline fill and the reduction).
+  // M = 512: 6912->2560 splits 3 ways (120 CTAs of 18 k-tiles), 2560->2560 2 ways.
+  if (M < kBM) return 1;
   const int64_t tiles256 = ceil_div(M, kBM) * ceil_div(N, 256);
   const int64_t tiles128 = ceil_div(M, kBM) * ceil_div(N, 128);
   if (3 * tiles128 >= 2 * sms) return 1;
