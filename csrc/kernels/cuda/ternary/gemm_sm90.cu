@@ -131,15 +131,15 @@ __device__ __forceinline__ Work work_of(const TileMap& map) {
 }
 
 template <int BN, bool kVecA>
-__device__ __forceinline__ void producer(const TernaryMatmulParams& p, const TileMap& map, const Work& w,
+__device__ __forceinline__ void producer(const TernaryMatmulParams& p, const TileMap& map, const Work& work,
                                          uint8_t* smem, uint32_t bars) {
   using C = Cfg<BN>;
   const int pt = threadIdx.x;  // 0..127
   const int xc = pt & 7;       // the A chunk (16 k) this thread copies
   const int xr0 = pt >> 3;     // its first A row; then every 16th
   const int64_t rb = ternary::row_bytes(p.K);
-  const int64_t tiles_here = map.tiles > w.first ? (map.tiles - 1 - w.first) / w.stride + 1 : 0;
-  const int64_t iters = tiles_here * (w.kt1 - w.kt0);  // 0 where this rank's slice of K is empty
+  const int64_t tiles_here = map.tiles > work.first ? (map.tiles - 1 - work.first) / work.stride + 1 : 0;
+  const int64_t iters = tiles_here * (work.kt1 - work.kt0);  // 0 where this rank's slice of K is empty
 
   uint4 next[C::kRowsPerProducer][2];
   auto load_packed = [&](int64_t tile, int kt) {
@@ -158,8 +158,8 @@ __device__ __forceinline__ void producer(const TernaryMatmulParams& p, const Til
     }
   };
 
-  int64_t tile = w.first;
-  int kt = w.kt0;
+  int64_t tile = work.first;
+  int kt = work.kt0;
   int stage = 0;
   uint32_t phase = 0;
   if (iters > 0) load_packed(tile, kt);
@@ -169,7 +169,7 @@ __device__ __forceinline__ void producer(const TernaryMatmulParams& p, const Til
     for (int r = 0; r < C::kRowsPerProducer; ++r) cur[r][0] = next[r][0], cur[r][1] = next[r][1];
     int64_t ntile = tile;
     int nkt = kt + 1;
-    if (nkt == w.kt1) nkt = w.kt0, ntile += w.stride;
+    if (nkt == work.kt1) nkt = work.kt0, ntile += work.stride;
     if (it + 1 < iters) load_packed(ntile, nkt);  // in flight while this stage is written
 
     const uint32_t full = bars + 8 * stage;
