@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Split-K on an H200 (issue 11: split-K inside the wgmma GEMM; issue 13 scope 4: the small-M
 # cluster kernel), with the extension ALREADY BUILT in place (python/mmfree_ext/_C*.so,
-# arch 90). In priority order, each step under a timeout and all within ~150 s (BUDGET):
+# arch 90). In priority order, each step under a timeout and all within ~150 s (BUDGET; a
+# step that would start past it is skipped and says so):
 #   1. the new wgmma split-K tests, then the small-M split-K tests;
-#   2. compute-sanitizer memcheck + racecheck on small forced cases of both split kernels;
-#   3. the one-run split-K table (bench_ternary_cuda.py --splitk-sweep, JSON);
+#   2. the one-run split-K table (bench_ternary_cuda.py --splitk-sweep, JSON): before the
+#      sanitizers, so that slow sanitizer start-ups cannot cost the measurement;
+#   3. compute-sanitizer memcheck + racecheck on small forced cases of both split kernels;
 #   4. the rest of the wgmma tests and tests/test_ternary_cuda.py, if time is left.
 #   bash benchmarks/device_gemm_splitk.sh [OUT_DIR]
 set -uo pipefail
@@ -30,8 +32,9 @@ fails() { grep -E "^(FAILED|ERROR|E  )" "$OUT_DIR/$1.log" | head -20; }
 ls python/mmfree_ext/_C*.so > /dev/null 2>&1 || { echo "build the extension in place first"; exit 1; }
 
 PYT="python3 -m pytest -q -p no:cacheprovider --maxfail=5"
-step test_sm90_split 40 $PYT tests/test_ternary_sm90_cuda.py -k split || fails test_sm90_split
+step test_sm90_split 45 $PYT tests/test_ternary_sm90_cuda.py -k split || fails test_sm90_split
 step test_smallm_split 35 $PYT tests/test_ternary_split_k_cuda.py || fails test_smallm_split
+step bench 60 python3 benchmarks/bench_ternary_cuda.py --splitk-sweep --json "$OUT_DIR/splitk_sweep.json"
 
 # Small forced products of each split kernel: the wgmma split 3 ways (256-wide split tile,
 # column tail, x rows of 2500 bytes: byte loads) and 8 ways with one k-tile (seven empty
@@ -58,8 +61,6 @@ SAN="compute-sanitizer --error-exitcode 9 --target-processes all"
 step memcheck 30 $SAN --tool memcheck python3 "$OUT_DIR/san.py"
 step racecheck 40 $SAN --tool racecheck python3 "$OUT_DIR/san.py"
 grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|hazard" "$OUT_DIR/memcheck.log" "$OUT_DIR/racecheck.log" | head -8
-
-step bench 60 python3 benchmarks/bench_ternary_cuda.py --splitk-sweep --json "$OUT_DIR/splitk_sweep.json"
 
 step test_sm90_rest 40 $PYT tests/test_ternary_sm90_cuda.py -k "not split" || fails test_sm90_rest
 step test_ternary 40 $PYT -x tests/test_ternary_cuda.py || fails test_ternary

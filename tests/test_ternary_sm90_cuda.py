@@ -255,7 +255,7 @@ def test_split_bitwise_equal_to_unsplit(monkeypatch: pytest.MonkeyPatch, m: int,
             monkeypatch.setenv("MMFREE_TERNARY_SM90_SPLITK", mode)
             out = _op(x_q, x_scale, packed, w_scale, dtype)
             assert torch.equal(out, want), f"MMFREE_TERNARY_SM90_SPLITK={mode} {dtype}"
-            if mode != "auto":
+            if mode != "auto" and dtype == torch.bfloat16:
                 flags = _sm90_split_flags(lambda d=dtype: _op(x_q, x_scale, packed, w_scale, d))
                 assert flags == [mode == splits], (mode, flags)
 
