@@ -233,7 +233,7 @@ def print_splitk(rows: list[Row]) -> None:
     names = ["auto", "sk2", "sk4", "sk8", "sm90", "sm90s2", "sm90s3", "sm90s4"]
     print(f"\n{'K->N':>11} {'M':>5} {'bf16':>7} " + " ".join(f"{n:>13}" for n in names) + "  best")
     for (k, n, m), modes in sorted(by_case.items()):
-        cells = [f"{modes[x].us:>6.1f}({modes[x].speedup:>4.2f})" if x in modes else f"{'-':>13}" for x in names]
+        cells = [f"{modes[x].us:>7.1f}({modes[x].speedup:>4.2f})" if x in modes else f"{'-':>13}" for x in names]
         best = min(modes.values(), key=lambda r: r.us)
         print(
             f"{str(k) + '->' + str(n):>11} {m:>5} {modes['auto'].baseline_us:>7.1f} "
