@@ -275,8 +275,10 @@ __device__ __forceinline__ bool reduce_split(int (&acc)[Cfg<BN>::kAccRegs], uint
   int4* red = reinterpret_cast<int4*>(smem);
   const int owner = (ct >> 5) * splits / (kConsumerThreads / 32);
   // Every consumer's wgmma reads of the stages are complete (each waited on its own group)
-  // before any thread overwrites them; the producer has no stage write left (all consumed).
-  named_barrier_sync(1, kConsumerThreads);
+  // and every producer write is done before any thread overwrites the stages: barrier 1
+  // over all 384 threads (the producers arrive after their loop; a CTA barrier that
+  // racecheck sees, where the mbarrier ordering alone would already suffice).
+  named_barrier_sync(1, kThreads);
   if (owner != rank) {
 #pragma unroll
     for (int j = 0; j < kChunks; ++j) {
@@ -375,7 +377,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(TernaryMatmulPar
   const Work w = work_of<kSplit>(map);
   if (threadIdx.x < kProducerThreads) {
     producer<BN, kVecA>(p, map, w, smem, bars);
-    if constexpr (kSplit) cluster_sync();  // the consumers' partials-written barrier
+    if constexpr (kSplit) {  // the two barriers of reduce_split: stages free, partials written
+      named_barrier_sync(1, kThreads);
+      cluster_sync();
+    }
   } else {
     consumer<BN, OutT, kSplit>(p, map, w, smem, bars);
   }
