@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_split_k_kernel(TernaryMatmul
   const int64_t kt1 = ktiles * (rank + 1) / splits;
   const int live_rows = static_cast<int>(std::min<int64_t>(BM, p.M - m0));
   // The epilogue's scales, requested now so that their DRAM latency hides behind the main
-  // loop instead of following the cluster barrier (two dependent round trips there).
+  // loop instead of following the cluster barrier (v1: a DRAM round trip there).
   const float ws = *p.w_scale;
   const float my_xs = tid < live_rows ? p.x_scale[m0 + tid] : 0.f;
 

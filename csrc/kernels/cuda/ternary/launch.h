@@ -67,6 +67,7 @@ cudaError_t launch_gemm(const TernaryMatmulParams& p, cudaStream_t stream);
 // Prefill GEMM on Hopper: int8 wgmma, warp-specialized, persistent (gemm_sm90.cu). Only
 // built where the arch list has 90 (MMFREE_HAVE_SM90_GEMM); cudaErrorNotSupported on a
 // device other than sm_90. Any M, K and x alignment; needs `packed` 16-byte aligned.
+// Splits K over a cluster as MMFREE_TERNARY_SM90_SPLITK says (sm90_split_override below).
 cudaError_t launch_gemm_sm90(const TernaryMatmulParams& p, cudaStream_t stream);
 // Small-M GEMM: the mma.sync main loop split over K across `splits` (1..kMaxSplitK) CTAs
 // of a cluster, reduced through distributed shared memory (gemm_split_k.cu). Any M, K and
