@@ -8,7 +8,7 @@ on sm_90), the unsplit kernels (MMFREE_TERNARY_SPLITK=off) and forced splits bel
 ``--splitk-sweep`` is the one-run table for the split-K decisions (issues 11 and 13): M in
 {1, ..., 2048} x the four 2.7B shapes, bf16 F.linear against the automatic choice, the
 small-M cluster split-K kernel forced to 2 / 4 / 8 CTAs (M <= 512) and, from M = 128, the
-wgmma kernel unsplit and forced to split 2 / 3 / 4 ways (MMFREE_TERNARY_SM90_SPLITK); L2
+wgmma kernel unsplit and forced to split 2 / 3 / 4 / 8 ways (MMFREE_TERNARY_SM90_SPLITK); L2
 flushed before every timed run, about 30 s on an H200.
 ``--gemm-sweep`` times both tensor-core kernels (mma.sync and, on sm_90, the wgmma one,
 forced through MMFREE_TERNARY_GEMM) and the dispatcher's pick over M = 128..8192 on the
@@ -172,7 +172,7 @@ def splitk_modes(m: int, sm90: bool) -> dict[str, dict[str, str]]:
             modes[f"sk{s}"] = {"MMFREE_TERNARY_SPLITK": s}
     if m >= 128 and sm90:
         modes["sm90"] = {"MMFREE_TERNARY_GEMM": "sm90", "MMFREE_TERNARY_SM90_SPLITK": "off"}
-        for s in ("2", "3", "4"):
+        for s in ("2", "3", "4", "8"):
             modes[f"sm90s{s}"] = {"MMFREE_TERNARY_GEMM": "sm90", "MMFREE_TERNARY_SM90_SPLITK": s}
     return modes
 
@@ -230,7 +230,7 @@ def print_splitk(rows: list[Row]) -> None:
     for r in rows:
         e = r.extra
         by_case.setdefault((e["K"], e["N"], e["M"]), {})[e["mode"]] = r
-    names = ["auto", "sk2", "sk4", "sk8", "sm90", "sm90s2", "sm90s3", "sm90s4"]
+    names = ["auto", "sk2", "sk4", "sk8", "sm90", "sm90s2", "sm90s3", "sm90s4", "sm90s8"]
     print(f"\n{'K->N':>11} {'M':>5} {'bf16':>7} " + " ".join(f"{n:>13}" for n in names) + "  best")
     for (k, n, m), modes in sorted(by_case.items()):
         cells = [f"{modes[x].us:>7.1f}({modes[x].speedup:>4.2f})" if x in modes else f"{'-':>13}" for x in names]
