@@ -37,15 +37,15 @@ step test_smallm_split 35 $PYT tests/test_ternary_split_k_cuda.py || fails test_
 step bench 60 python3 benchmarks/bench_ternary_cuda.py --splitk-sweep --json "$OUT_DIR/splitk_sweep.json"
 
 # Small forced products of each split kernel: the wgmma split 3 ways (256-wide split tile,
-# column tail, x rows of 2500 bytes: byte loads) and 8 ways with one k-tile (seven empty
-# ranks); the small-M split 8 ways with empty slices and 3 ways on the 64-row tile with a
-# column tail and byte loads.
+# column tail, x rows of 2500 bytes: byte loads) and 8 ways over 9 k-tiles (ranks of 1 and
+# 2 k-tiles, N = 8); the small-M split 8 ways with empty slices and 3 ways on the 64-row
+# tile with a column tail and byte loads.
 cat > "$OUT_DIR/san.py" <<'PY'
 import os
 import torch
 import mmfree_ext  # noqa: F401
 from mmfree_ext import reference as ref
-CASES = [("sm90", "3", "auto", 200, 300, 2500), ("sm90", "8", "auto", 129, 8, 100),
+CASES = [("sm90", "3", "auto", 200, 300, 2500), ("sm90", "8", "auto", 129, 8, 1100),
          ("auto", "off", "8", 3, 200, 100), ("auto", "off", "3", 40, 200, 6913)]
 for gemm, sm90_split, split, m, n, k in CASES:
     os.environ.update(MMFREE_TERNARY_GEMM=gemm, MMFREE_TERNARY_SM90_SPLITK=sm90_split, MMFREE_TERNARY_SPLITK=split)

@@ -195,9 +195,9 @@ def test_bad_impl_name_raises(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # Split-K inside the wgmma kernel (MMFREE_TERNARY_SM90_SPLITK): a cluster of S CTAs per
 # tile along K, reduced through distributed shared memory. Issue 11's tail grid at the
-# sizes where tiles are few (M up to 512); S = 8 with K = 64 / 100 (one k-tile) leaves
-# seven ranks an empty slice of K; M = 128 with N = 2560 takes the 256-wide split tile
-# (10 tiles x S fit one wave), N = 32001 the 128-wide one.
+# sizes where tiles are few (M up to 512). The launch keeps S <= the k-tiles (K = 64 / 100:
+# one k-tile, unsplit; K = 300 with S = 8: 3 ranks); M = 128 with N = 2560 takes the
+# 256-wide split tile (10 tiles x S fit one wave), N = 32001 the 128-wide one.
 SPLIT_M = [128, 129, 300, 512]
 SPLITS = ["2", "3", "4", "8"]
 _SPLIT_KERNEL = re.compile(r"gemm_sm90_kernel<\d+, \w+, [\w:]+, (true|false)>")

@@ -32,6 +32,8 @@
 //   sums are exact, so the output is bit-identical to the unsplit kernel's.
 // Integer products and int32 sums are exact, so the result is bit-identical to gemm.cu's
 // and to the reference whatever the order.
+#include <cooperative_groups.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -139,7 +141,7 @@ __device__ __forceinline__ void producer(const TernaryMatmulParams& p, const Til
   const int xr0 = pt >> 3;     // its first A row; then every 16th
   const int64_t rb = ternary::row_bytes(p.K);
   const int64_t tiles_here = map.tiles > work.first ? (map.tiles - 1 - work.first) / work.stride + 1 : 0;
-  const int64_t iters = tiles_here * (work.kt1 - work.kt0);  // 0 where this rank's slice of K is empty
+  const int64_t iters = tiles_here * (work.kt1 - work.kt0);
 
   uint4 next[C::kRowsPerProducer][2];
   auto load_packed = [&](int64_t tile, int kt) {
@@ -287,23 +289,72 @@ __device__ __forceinline__ bool reduce_split(int (&acc)[Cfg<BN>::kAccRegs], uint
   }
   cluster_sync();  // every rank's partials written and visible cluster-wide
   if (owner != rank) return false;
-  const uint32_t base = smem_addr(red + ct);
+  // Eight 16-byte loads in flight per thread (32 registers on top of the accumulators),
+  // from one generic DSMEM pointer per rank with immediate offsets (a mapa per load made
+  // ptxas keep 32 addresses and spill at the 168-register cap of the 256-wide tile).
+  constexpr int kGroup = 8;
+  static_assert(kChunks % kGroup == 0, "whole groups of chunks");
   for (int q = 0; q < splits; ++q) {  // rank order (int32 sums are exact in any order)
     if (q == rank) continue;
-    int4 v[kChunks];
+    const int4* remote = cooperative_groups::this_cluster().map_shared_rank(red + ct, q);
 #pragma unroll
-    for (int j = 0; j < kChunks; ++j) v[j] = ld_dsmem16(base + j * kConsumerThreads * 16, q);  // all in flight
+    for (int j0 = 0; j0 < kChunks; j0 += kGroup) {
+      int4 v[kGroup];
 #pragma unroll
-    for (int j = 0; j < kChunks; ++j) {
-      acc[4 * j] += v[j].x;
-      acc[4 * j + 1] += v[j].y;
-      acc[4 * j + 2] += v[j].z;
-      acc[4 * j + 3] += v[j].w;
+      for (int j = 0; j < kGroup; ++j) v[j] = remote[(j0 + j) * kConsumerThreads];
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) {
+        acc[4 * (j0 + j)] += v[j].x;
+        acc[4 * (j0 + j) + 1] += v[j].y;
+        acc[4 * (j0 + j) + 2] += v[j].z;
+        acc[4 * (j0 + j) + 3] += v[j].w;
+      }
     }
   }
   return true;
 }
 
+// One tile's k-tiles [kt0, kt1) (kt1 > kt0) into `acc`, releasing each stage once its
+// wgmma reads are done; returns with every wgmma complete and the last stage released.
+template <int BN>
+__device__ __forceinline__ void mma_tile(int (&acc)[Cfg<BN>::kAccRegs], uint32_t smem_base, uint32_t bars, int wg,
+                                         int kt0, int kt1, int& stage, uint32_t& phase) {
+  using C = Cfg<BN>;
+  int prev = 0;
+  for (int kt = kt0; kt < kt1; ++kt) {
+    mbar_wait(bars + 8 * stage, phase);
+    fence_proxy_async();  // the cp.async-written A tile, seen through the barrier
+    const uint32_t a = smem_base + stage * C::kStageBytes + wg * 64 * kBK;
+    const uint32_t b = smem_base + stage * C::kStageBytes + C::kABytes;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBK / 32; ++kk) {
+      const uint64_t da = sw128_desc(a + 32 * kk);
+      const uint64_t db = sw128_desc(b + 32 * kk);
+      if constexpr (BN == 256) {
+        wgmma_m64n256k32_s8(acc, da, db, kt != kt0 || kk != 0);
+      } else {
+        wgmma_m64n128k32_s8(acc, da, db, kt != kt0 || kk != 0);
+      }
+    }
+    wgmma_commit();
+    if (kt > kt0) {
+      wgmma_wait<1>();  // the previous stage's reads are done
+      mbar_arrive(bars + 8 * (C::kStages + prev));
+    }
+    prev = stage;
+    if (++stage == C::kStages) stage = 0, phase ^= 1;
+  }
+  wgmma_wait<0>();
+#pragma unroll
+  for (int i = 0; i < C::kAccRegs; ++i) reg_fence(acc[i]);
+  mbar_arrive(bars + 8 * (C::kStages + prev));
+}
+
+// Split: the cluster's one tile over this rank's k-tiles (the host keeps S <= k-tiles, so
+// no slice is empty), the reduction, the owning rank's epilogue. Kept free of a tile loop:
+// accumulators written in a divergent path (the owners' adds) must not reach a later
+// wgmma, or ptxas serializes every wgmma of the kernel (C7518).
 template <int BN, class OutT, bool kSplit>
 __device__ __forceinline__ void consumer(const TernaryMatmulParams& p, const TileMap& map, const Work& w,
                                          uint8_t* smem, uint32_t bars) {
@@ -315,46 +366,16 @@ __device__ __forceinline__ void consumer(const TernaryMatmulParams& p, const Til
   int acc[C::kAccRegs];
   int stage = 0;
   uint32_t phase = 0;
-  for (int64_t tile = w.first; tile < map.tiles; tile += w.stride) {
-    int prev = 0;
-    if (w.kt0 == w.kt1) {  // an empty slice of K (more ranks than k-tiles): a zero partial
-#pragma unroll
-      for (int i = 0; i < C::kAccRegs; ++i) acc[i] = 0;
+  if constexpr (kSplit) {
+    mma_tile<BN>(acc, smem_base, bars, wg, w.kt0, w.kt1, stage, phase);
+    if (reduce_split<BN>(acc, smem, ct, w.rank, map.splits)) {
+      store_tile<BN, OutT>(p, acc, map.m0(w.first), map.template n0<BN>(w.first), wg, ct & 127, ws);
     }
-    for (int kt = w.kt0; kt < w.kt1; ++kt) {
-      mbar_wait(bars + 8 * stage, phase);
-      fence_proxy_async();  // the cp.async-written A tile, seen through the barrier
-      const uint32_t a = smem_base + stage * C::kStageBytes + wg * 64 * kBK;
-      const uint32_t b = smem_base + stage * C::kStageBytes + C::kABytes;
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBK / 32; ++kk) {
-        const uint64_t da = sw128_desc(a + 32 * kk);
-        const uint64_t db = sw128_desc(b + 32 * kk);
-        if constexpr (BN == 256) {
-          wgmma_m64n256k32_s8(acc, da, db, kt != w.kt0 || kk != 0);
-        } else {
-          wgmma_m64n128k32_s8(acc, da, db, kt != w.kt0 || kk != 0);
-        }
-      }
-      wgmma_commit();
-      if (kt > w.kt0) {
-        wgmma_wait<1>();  // the previous stage's reads are done
-        mbar_arrive(bars + 8 * (C::kStages + prev));
-      }
-      prev = stage;
-      if (++stage == C::kStages) stage = 0, phase ^= 1;
+  } else {
+    for (int64_t tile = w.first; tile < map.tiles; tile += w.stride) {
+      mma_tile<BN>(acc, smem_base, bars, wg, 0, map.ktiles, stage, phase);
+      store_tile<BN, OutT>(p, acc, map.m0(tile), map.template n0<BN>(tile), wg, ct & 127, ws);
     }
-    if (w.kt1 > w.kt0) {
-      wgmma_wait<0>();
-#pragma unroll
-      for (int i = 0; i < C::kAccRegs; ++i) reg_fence(acc[i]);
-      mbar_arrive(bars + 8 * (C::kStages + prev));
-    }
-    if constexpr (kSplit) {
-      if (!reduce_split<BN>(acc, smem, ct, w.rank, map.splits)) continue;
-    }
-    store_tile<BN, OutT>(p, acc, map.m0(tile), map.template n0<BN>(tile), wg, ct & 127, ws);
   }
 }
 
@@ -434,6 +455,9 @@ cudaError_t launch_typed(const TernaryMatmulParams& p, int sms, int splits, cuda
   // per wgmma); 128-wide ones where the 256-wide grid would leave SMs idle. Split: the
   // 256-wide tile where its split grid still fits on the SMs in one wave.
   const int64_t tiles256 = ((p.M + kBM - 1) / kBM) * ((p.N + 255) / 256);
+  // At least one k-tile per rank (K = 64 with S = 8 runs unsplit): the consumers then have
+  // no empty-slice branch around their wgmmas.
+  splits = static_cast<int>(std::min<int64_t>(splits, ternary::blocks_per_row(p.K)));
   if (splits > 1) {
     return tiles256 * splits <= sms ? launch_bn<true, OutT, 256>(p, sms, splits, stream)
                                     : launch_bn<true, OutT, 128>(p, sms, splits, stream);

@@ -1,5 +1,5 @@
 // Inline-PTX helpers of the sm_90a ternary GEMM (gemm_sm90.cu): mbarriers, the async-proxy
-// fence, cluster barriers and DSMEM loads, wgmma descriptors, fences and the two int8
+// fence, cluster rank and barrier, named barriers, wgmma descriptors, fences and the two int8
 // wgmma shapes it uses. Include only from code compiled for sm_90a (wgmma and setmaxnreg
 // do not exist elsewhere).
 #pragma once
@@ -49,18 +49,6 @@ __device__ __forceinline__ uint32_t cluster_ctarank() {
 // writes become visible cluster-wide), then waits for all of them (acquire).
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
-}
-// 16 bytes at shared-memory address `addr` of this CTA, read from the CTA of rank `rank`
-// in the cluster (distributed shared memory: the same offset in that CTA's window).
-__device__ __forceinline__ int4 ld_dsmem16(uint32_t addr, uint32_t rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
-  int4 v;
-  asm volatile("ld.shared::cluster.v4.s32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(remote)
-               : "memory");
-  return v;
 }
 // Waits at named barrier `id` for `count` threads (whole warps).
 __device__ __forceinline__ void named_barrier_sync(int id, int count) {
