@@ -5,6 +5,11 @@ activations + scales + bf16 output, printed as GB/s and % of the measured copy b
 Prefill GEMM (M = 512, 2048, 4096) is judged by TOPS (2*M*N*K) against bf16 F.linear.
 ``--small-m`` times M = 1..512 on the four 2.7B shapes: the automatic choice (cluster split-K
 on sm_90), the unsplit kernels (MMFREE_TERNARY_SPLITK=off) and forced splits below M = 8.
+``--splitk-sweep`` is the one-run table for the split-K decisions (issues 11 and 13): M in
+{1, ..., 2048} x the four 2.7B shapes, bf16 F.linear against the automatic choice, the
+small-M cluster split-K kernel forced to 2 / 4 / 8 CTAs (M <= 512) and, from M = 128, the
+wgmma kernel unsplit and forced to split 2 / 3 / 4 / 8 ways (MMFREE_TERNARY_SM90_SPLITK); L2
+flushed before every timed run, about 30 s on an H200.
 ``--gemm-sweep`` times both tensor-core kernels (mma.sync and, on sm_90, the wgmma one,
 forced through MMFREE_TERNARY_GEMM) and the dispatcher's pick over M = 128..8192 on the
 four 2.7B shapes, with the % of the int8 peak; benchmarks/plot_gemm_ratio.py turns its JSON
@@ -13,6 +18,7 @@ into docs/gemm_ratio_vs_m.png.
     python benchmarks/bench_ternary_cuda.py --device cuda --json ternary_cuda.json
     python benchmarks/bench_ternary_cuda.py --gemm-sweep --json gemm_sweep.json
     python benchmarks/bench_ternary_cuda.py --small-m --json small_m.json
+    python benchmarks/bench_ternary_cuda.py --splitk-sweep --json splitk_sweep.json
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ SWEEP_ROWS = [128, 512, 2048, 4096, 8192]
 # gate+up 2560->13824, down 6912->2560) over the decode / small-batch range.
 SMALL_M_SHAPES = [(2560, 2560), (13824, 2560), (2560, 6912), (7680, 2560)]
 SMALL_M_ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+SPLITK_ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048]
+# --splitk-sweep modes: name -> the environment the op reads at every call (unset = auto).
+SPLITK_ENV = ("MMFREE_TERNARY_GEMM", "MMFREE_TERNARY_SPLITK", "MMFREE_TERNARY_SM90_SPLITK")
 # Dense int8 tensor-core peak of the H200 used for "% of peak" (the issue's figure; the
 # boost-clock datasheet value is 1979 TOPS).
 INT8_PEAK_TOPS = 1580.0
@@ -154,6 +163,85 @@ def small_m_sweep(device: str) -> list[Row]:
     return rows
 
 
+def splitk_modes(m: int, sm90: bool) -> dict[str, dict[str, str]]:
+    """The settings timed at M = m: auto; the small-M split kernel forced (M <= 512); the
+    wgmma kernel unsplit and split (M >= 128, sm_90 builds only)."""
+    modes: dict[str, dict[str, str]] = {"auto": {}}
+    if m <= 512:
+        for s in ("2", "4", "8"):
+            modes[f"sk{s}"] = {"MMFREE_TERNARY_SPLITK": s}
+    if m >= 128 and sm90:
+        modes["sm90"] = {"MMFREE_TERNARY_GEMM": "sm90", "MMFREE_TERNARY_SM90_SPLITK": "off"}
+        for s in ("2", "3", "4", "8"):
+            modes[f"sm90s{s}"] = {"MMFREE_TERNARY_GEMM": "sm90", "MMFREE_TERNARY_SM90_SPLITK": s}
+    return modes
+
+
+def splitk_sweep(device: str) -> list[Row]:
+    """One row per (shape, M, mode), each with the same-case bf16 F.linear time."""
+    sm90 = torch.cuda.get_device_capability() == (9, 0) and any(
+        a.startswith("90") for a in mmfree_ext.build_info()["cuda_archs"]
+    )
+    saved = {k: os.environ.get(k) for k in SPLITK_ENV}
+    rows: list[Row] = []
+    try:
+        for n, k in SMALL_M_SHAPES:
+            packed = ref.pack_ternary(torch.randint(-1, 2, (n, k), dtype=torch.int8, device=device))
+            w_bf16 = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+            w_scale = torch.full((), 0.05, device=device)
+            for m in SPLITK_ROWS:
+                x_q = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
+                x_scale = torch.rand(m, device=device) * 0.02 + 1e-3
+                x_bf16 = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+                base_us = None
+                for mode, env in splitk_modes(m, sm90).items():
+                    for key in SPLITK_ENV:  # read by the op at every call
+                        os.environ.pop(key, None)
+                    os.environ.update(env)
+                    case = Case(
+                        name=f"ternary_matmul[{mode}]",
+                        shape=f"M={m} {k}->{n}",
+                        fn=lambda a=(x_q, x_scale, packed, w_scale): torch.ops.mmfree.ternary_matmul(
+                            *a, torch.bfloat16
+                        ),
+                        baseline=(lambda a=(x_bf16, w_bf16): F.linear(*a)) if base_us is None else None,
+                        baseline_name="bf16 F.linear",
+                        flops=2.0 * m * n * k,
+                        extra={"M": m, "N": n, "K": k, "mode": mode, "env": env},
+                    )
+                    row = bench(case, device)
+                    if base_us is None:
+                        base_us = row.baseline_us
+                    else:  # one bf16 timing per case, shared by the modes
+                        row.baseline_name, row.baseline_us, row.speedup = "bf16 F.linear", base_us, base_us / row.us
+                    rows.append(row)
+    finally:
+        for key, val in saved.items():
+            if val is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = val
+    return rows
+
+
+def print_splitk(rows: list[Row]) -> None:
+    """One line per (shape, M): bf16 us, then each mode's us and (in brackets) bf16/ours."""
+    by_case: dict[tuple[int, int, int], dict[str, Row]] = {}
+    for r in rows:
+        e = r.extra
+        by_case.setdefault((e["K"], e["N"], e["M"]), {})[e["mode"]] = r
+    names = ["auto", "sk2", "sk4", "sk8", "sm90", "sm90s2", "sm90s3", "sm90s4", "sm90s8"]
+    print(f"\n{'K->N':>11} {'M':>5} {'bf16':>7} " + " ".join(f"{n:>13}" for n in names) + "  best")
+    for (k, n, m), modes in sorted(by_case.items()):
+        cells = [f"{modes[x].us:>7.1f}({modes[x].speedup:>4.2f})" if x in modes else f"{'-':>13}" for x in names]
+        best = min(modes.values(), key=lambda r: r.us)
+        print(
+            f"{str(k) + '->' + str(n):>11} {m:>5} {modes['auto'].baseline_us:>7.1f} "
+            + " ".join(cells)
+            + f"  {best.extra['mode']}"
+        )
+
+
 def print_small_m(rows: list[Row]) -> None:
     """One line per (M, shape): auto, off, the best forced split below M = 8, bf16, ratios."""
     by_case: dict[tuple[int, int, int], dict[str, Row]] = {}
@@ -181,11 +269,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="M=1 and M=512 only")
     parser.add_argument("--gemm-sweep", action="store_true", help="only the prefill GEMM sweep (M = 128..8192)")
     parser.add_argument("--small-m", action="store_true", help="only the small-M sweep (M = 1..512, split-K)")
+    parser.add_argument(
+        "--splitk-sweep", action="store_true", help="only the split-K decision table (M = 1..2048, every split mode)"
+    )
     args = parser.parse_args()
     if not args.device.startswith("cuda") or not torch.cuda.is_available():
         raise SystemExit("bench_ternary_cuda needs a CUDA device (--device cuda)")
     torch.manual_seed(0)
     warm_up_gpu()
+    if args.splitk_sweep:
+        t0 = time.perf_counter()
+        rows = splitk_sweep(args.device)
+        print_splitk(rows)
+        print(f"\n{len(rows)} timings in {time.perf_counter() - t0:.0f} s")
+        if args.json:
+            save_json(rows, args.json, {"bench": "ternary_cuda_splitk_sweep"})
+        return
     if args.small_m:
         rows = small_m_sweep(args.device)
         print_table(rows, "small-M ternary_matmul (bf16 out) vs bf16 F.linear")

@@ -10,6 +10,8 @@ chunks and partial 128-weight blocks, and x rows that are not 16-byte aligned (K
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -188,4 +190,138 @@ def test_bad_impl_name_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MMFREE_TERNARY_GEMM", "wgmma")
     x_q, _, packed = _inputs(128, 16, 64)
     with pytest.raises(RuntimeError, match="MMFREE_TERNARY_GEMM must be"):
+        _op(x_q, torch.ones(128, device="cuda"), packed, torch.ones((), device="cuda"), torch.float32)
+
+
+# Split-K inside the wgmma kernel (MMFREE_TERNARY_SM90_SPLITK): a cluster of S CTAs per
+# tile along K, reduced through distributed shared memory. Issue 11's tail grid at the
+# sizes where tiles are few (M up to 512). The launch keeps S <= the k-tiles (K = 64 / 100:
+# one k-tile, unsplit; K = 300 with S = 8: 3 ranks); M = 128 with N = 2560 takes the
+# 256-wide split tile (10 tiles x S fit one wave), N = 32001 the 128-wide one.
+SPLIT_M = [128, 129, 300, 512]
+SPLITS = ["2", "3", "4", "8"]
+_SPLIT_KERNEL = re.compile(r"gemm_sm90_kernel<\d+, \w+, [\w:]+, (true|false)>")
+
+
+def _split_grid() -> list[tuple[int, int, int, str]]:
+    """Every (M, N) and every (M, K) and (N, K) pair at least once, the split count cycling."""
+    grid = set()
+    for i, m in enumerate(SPLIT_M):
+        for j, n in enumerate(N_GRID):
+            grid.add((m, n, K_GRID[(i + j) % len(K_GRID)]))
+        for q, k in enumerate(K_GRID):
+            grid.add((m, N_GRID[(i + q + 1) % len(N_GRID)], k))
+    for j, n in enumerate(N_GRID):
+        for q, k in enumerate(K_GRID):
+            grid.add((SPLIT_M[(j + q) % len(SPLIT_M)], n, k))
+    return [(m, n, k, SPLITS[i % len(SPLITS)]) for i, (m, n, k) in enumerate(sorted(grid))]
+
+
+def _sm90_split_flags(fn) -> list[bool]:
+    """For each wgmma kernel `fn` launches, whether it was the split (cluster) instance."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    flags = []
+    for e in prof.events():
+        match = _SPLIT_KERNEL.search(e.name)
+        if e.device_type == torch.autograd.DeviceType.CUDA and match:
+            flags.append(match.group(1) == "true")
+    return flags
+
+
+@pytest.mark.parametrize(("m", "n", "k", "splits"), _split_grid())
+def test_split_exact_accumulators(monkeypatch: pytest.MonkeyPatch, m: int, n: int, k: int, splits: str) -> None:
+    monkeypatch.setenv("MMFREE_TERNARY_SM90_SPLITK", splits)
+    x_q, w_q, packed = _inputs(m, n, k)
+    torch.full((m, n), float("nan"), device="cuda")  # leaves NaNs for the output to reuse
+    out = _op(x_q, torch.ones(m, device="cuda"), packed, torch.ones((), device="cuda"), torch.float32)
+    assert not out.isnan().any(), "kernel left outputs unwritten"
+    assert torch.equal(out.to(torch.int64), _int_acc(x_q, w_q))
+
+
+@pytest.mark.parametrize("splits", SPLITS)
+@pytest.mark.parametrize(("m", "n", "k"), [(512, 2560, 6912), (128, 2560, 2560), (300, 777, 300)])
+def test_split_bitwise_equal_to_unsplit(monkeypatch: pytest.MonkeyPatch, m: int, n: int, k: int, splits: str) -> None:
+    """Random scales, bf16 and fp16 out: the split kernel gives exactly the unsplit wgmma
+    kernel's output and the reference's under off, auto and the forced count; `off` never
+    launches the split instance, a forced count always does."""
+    x_q, _, packed = _inputs(m, n, k)
+    x_scale = torch.rand(m, device="cuda") * 0.02 + 1e-3
+    w_scale = torch.rand((), device="cuda") * 0.1 + 1e-3
+    for dtype in (torch.bfloat16, torch.float16):
+        want = ref.ternary_matmul(x_q, x_scale, packed, w_scale, k, out_dtype=dtype)
+        for mode in ["off", "auto", splits]:
+            monkeypatch.setenv("MMFREE_TERNARY_SM90_SPLITK", mode)
+            out = _op(x_q, x_scale, packed, w_scale, dtype)
+            assert torch.equal(out, want), f"MMFREE_TERNARY_SM90_SPLITK={mode} {dtype}"
+            if mode != "auto" and dtype == torch.bfloat16:
+                flags = _sm90_split_flags(lambda d=dtype: _op(x_q, x_scale, packed, w_scale, d))
+                assert flags == [mode == splits], (mode, flags)
+
+
+def test_split_auto_is_off_until_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """launch.h's kSm90SplitAuto is false: auto never splits, not even where the candidate
+    rule would (M = 512, 6912->2560: 40 tiles of 128 x 256). Update with that constant."""
+    monkeypatch.setenv("MMFREE_TERNARY_SM90_SPLITK", "auto")
+    m, n, k = 512, 2560, 6912
+    x_q, _, packed = _inputs(m, n, k)
+    args = (x_q, torch.ones(m, device="cuda"), packed, torch.ones((), device="cuda"), torch.bfloat16)
+    assert _sm90_split_flags(lambda: _op(*args)) == [False]
+
+
+def test_split_misaligned_activations(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMFREE_TERNARY_SM90_SPLITK", "3")
+    m, k, n = 200, 2560, 300
+    x_q, w_q, packed = _inputs(m, n, k)
+    buf = torch.empty(m * k + 1, dtype=torch.int8, device="cuda")
+    x_off = buf[1:].view(m, k)
+    x_off.copy_(x_q)
+    out = _op(x_off, torch.ones(m, device="cuda"), packed, torch.ones((), device="cuda"), torch.float32)
+    assert torch.equal(out.to(torch.int64), _int_acc(x_q, w_q))
+
+
+def test_split_extreme_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """|acc| = 128 K split over 4 ranks: every partial and the sum near the int32 extremes
+    that the products can reach."""
+    monkeypatch.setenv("MMFREE_TERNARY_SM90_SPLITK", "4")
+    m, k, n = 130, 6913, 258
+    x_q = torch.full((m, k), -128, dtype=torch.int8, device="cuda")
+    w_q = torch.tensor([1, -1, 0], dtype=torch.int8, device="cuda").repeat(n // 3).view(n, 1).expand(n, k)
+    packed = ref.pack_ternary(w_q.contiguous())
+    out = _op(x_q, torch.ones(m, device="cuda"), packed, torch.ones((), device="cuda"), torch.float32)
+    assert torch.equal(out.to(torch.int64), _int_acc(x_q, w_q))
+
+
+@pytest.mark.parametrize("splits", ["2", "4"])
+def test_split_cuda_graph_capture(monkeypatch: pytest.MonkeyPatch, splits: str) -> None:
+    """The cluster launch (no workspace, no memset) captured and replayed with new inputs."""
+    monkeypatch.setenv("MMFREE_TERNARY_SM90_SPLITK", splits)
+    m, n, k = 512, 2560, 6912
+    x_q, _, packed = _inputs(m, n, k)
+    x_scale = torch.rand(m, device="cuda") * 0.02 + 1e-3
+    w_scale = torch.full((), 0.05, device="cuda")
+    static_x = x_q.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the capture (first-launch attribute setup)
+        _op(static_x, x_scale, packed, w_scale, torch.bfloat16)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = _op(static_x, x_scale, packed, w_scale, torch.bfloat16)
+    for _ in range(2):
+        new_x = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = ref.ternary_matmul(new_x, x_scale, packed, w_scale, k, out_dtype=torch.bfloat16)
+        assert torch.equal(static_out, want)
+
+
+@pytest.mark.parametrize("bad", ["1", "9", "0", "two"])
+def test_split_bad_override_raises(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
+    monkeypatch.setenv("MMFREE_TERNARY_SM90_SPLITK", bad)
+    x_q, _, packed = _inputs(128, 16, 64)
+    with pytest.raises(RuntimeError):
         _op(x_q, torch.ones(128, device="cuda"), packed, torch.ones((), device="cuda"), torch.float32)

@@ -45,6 +45,25 @@ int auto_splits(const TernaryMatmulParams& p, int split_mode, cudaError_t& err) 
 #endif
 }
 
+#if defined(MMFREE_HAVE_SM90_GEMM)
+// Whether the automatic selection takes the wgmma kernel split along K (gemm_sm90.cu) for
+// a product it would otherwise give to mma.sync: never while kSm90SplitAuto is false
+// (launch.h: the rule is not measured yet), nor under a set MMFREE_TERNARY_SM90_SPLITK.
+bool sm90_split_pays(const TernaryMatmulParams& p) {
+  using namespace ternary_kernels;
+  if constexpr (!kSm90SplitAuto) {
+    (void)p;
+    return false;
+  } else {
+    if (sm90_split_override() != kSplitKAuto) return false;
+    int dev = 0, sms = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return false;
+    return sm90_split_count(p.M, p.N, p.K, sms) > 1;
+  }
+}
+#endif
+
 cudaError_t launch_mma(const TernaryMatmulParams& p, cudaStream_t stream, int split_mode) {
   using namespace ternary_kernels;
   cudaError_t err = cudaSuccess;
@@ -67,7 +86,7 @@ cudaError_t launch_prefill(const TernaryMatmulParams& p, cudaStream_t stream, Te
 #if defined(MMFREE_HAVE_SM90_GEMM)
   const bool vec_a = reinterpret_cast<uintptr_t>(p.x_q) % 16 == 0 && p.x_row_stride % 16 == 0;
   const bool big = p.M >= kSm90AllColsRows || (p.M >= kSm90MinRows && p.N >= kSm90MinCols);
-  if (impl == TernaryGemmImpl::kAuto && big && p.K > 0 && vec_a && is_sm90_device()) {
+  if (impl == TernaryGemmImpl::kAuto && p.K > 0 && vec_a && is_sm90_device() && (big || sm90_split_pays(p))) {
     return launch_gemm_sm90(p, stream);
   }
 #endif

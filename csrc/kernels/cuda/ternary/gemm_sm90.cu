@@ -21,10 +21,25 @@
 //   producer already fills the stages of its next tile.
 // * Persistent: min(tiles, SMs) blocks walk the tiles (M fastest, so co-resident blocks
 //   share a W column tile) with a stride of the grid.
+// * Split-K (MMFREE_TERNARY_SM90_SPLITK, for shapes with fewer tiles than SMs, e.g. M = 512
+//   x N = 2560: 40 tiles of 128 x 256 on 132 SMs): a thread-block cluster of S CTAs (2..8)
+//   per tile, one tile per cluster, rank r running the same pipeline over k-tiles
+//   [r*kt/S, (r+1)*kt/S). After the main loop the stage memory is free (every stage was
+//   consumed); consumer warp w (0..7) of every CTA belongs to rank w*S/8: the other ranks
+//   store their int32 accumulators of warp w's rows there, a cluster barrier, and rank
+//   w*S/8 adds them (DSMEM, 16-byte loads) into its registers and runs the usual epilogue.
+//   No workspace, no atomics, no memset, one plain (cluster) launch: graph-safe; int32
+//   sums are exact, so the output is bit-identical to the unsplit kernel's.
 // Integer products and int32 sums are exact, so the result is bit-identical to gemm.cu's
 // and to the reference whatever the order.
+#include <cooperative_groups.h>
+
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 
 #include "common/ternary_format.h"
 #include "cuda/smem_optin.h"
@@ -83,6 +98,7 @@ __device__ __forceinline__ uint32_t decode4(uint32_t packed, int j) {
 struct TileMap {
   int64_t m_tiles, tiles;
   int ktiles;
+  int splits;  // CTAs per cluster along K; 1: no cluster, persistent blocks
   __device__ __forceinline__ int64_t m0(int64_t tile) const { return (tile % m_tiles) * kBM; }
   template <int BN>
   __device__ __forceinline__ int64_t n0(int64_t tile) const {
@@ -90,17 +106,42 @@ struct TileMap {
   }
 };
 
+// The tiles this block walks (first, first + stride, ... < tiles) and its k-tiles of each.
+struct Work {
+  int64_t first, stride;
+  int kt0, kt1;
+  int rank;  // in the cluster (0 without split)
+};
+
+template <bool kSplit>
+__device__ __forceinline__ Work work_of(const TileMap& map) {
+  Work w;
+  if constexpr (kSplit) {  // one tile per cluster, the cluster's ranks along K
+    w.rank = static_cast<int>(cluster_ctarank());
+    w.first = blockIdx.x / map.splits;
+    w.stride = map.tiles;
+    w.kt0 = static_cast<int>(static_cast<int64_t>(map.ktiles) * w.rank / map.splits);
+    w.kt1 = static_cast<int>(static_cast<int64_t>(map.ktiles) * (w.rank + 1) / map.splits);
+  } else {
+    w.rank = 0;
+    w.first = blockIdx.x;
+    w.stride = gridDim.x;
+    w.kt0 = 0;
+    w.kt1 = map.ktiles;
+  }
+  return w;
+}
+
 template <int BN, bool kVecA>
-__device__ __forceinline__ void producer(const TernaryMatmulParams& p, const TileMap& map, uint8_t* smem,
-                                         uint32_t bars) {
+__device__ __forceinline__ void producer(const TernaryMatmulParams& p, const TileMap& map, const Work& work,
+                                         uint8_t* smem, uint32_t bars) {
   using C = Cfg<BN>;
   const int pt = threadIdx.x;  // 0..127
   const int xc = pt & 7;       // the A chunk (16 k) this thread copies
   const int xr0 = pt >> 3;     // its first A row; then every 16th
   const int64_t rb = ternary::row_bytes(p.K);
-  const int64_t tiles_here =
-      map.tiles > blockIdx.x ? (map.tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
-  const int64_t iters = tiles_here * map.ktiles;
+  const int64_t tiles_here = map.tiles > work.first ? (map.tiles - 1 - work.first) / work.stride + 1 : 0;
+  const int64_t iters = tiles_here * (work.kt1 - work.kt0);
 
   uint4 next[C::kRowsPerProducer][2];
   auto load_packed = [&](int64_t tile, int kt) {
@@ -119,18 +160,18 @@ __device__ __forceinline__ void producer(const TernaryMatmulParams& p, const Til
     }
   };
 
-  int64_t tile = blockIdx.x;
-  int kt = 0;
+  int64_t tile = work.first;
+  int kt = work.kt0;
   int stage = 0;
   uint32_t phase = 0;
-  if (iters > 0) load_packed(tile, 0);
+  if (iters > 0) load_packed(tile, kt);
   for (int64_t it = 0; it < iters; ++it) {
     uint4 cur[C::kRowsPerProducer][2];
 #pragma unroll
     for (int r = 0; r < C::kRowsPerProducer; ++r) cur[r][0] = next[r][0], cur[r][1] = next[r][1];
     int64_t ntile = tile;
     int nkt = kt + 1;
-    if (nkt == map.ktiles) nkt = 0, ntile += gridDim.x;
+    if (nkt == work.kt1) nkt = work.kt0, ntile += work.stride;
     if (it + 1 < iters) load_packed(ntile, nkt);  // in flight while this stage is written
 
     const uint32_t full = bars + 8 * stage;
@@ -222,51 +263,123 @@ __device__ __forceinline__ void store_tile(const TernaryMatmulParams& p, const i
   }
 }
 
-template <int BN, class OutT>
-__device__ __forceinline__ void consumer(const TernaryMatmulParams& p, const TileMap& map, uint32_t smem_base,
-                                         uint32_t bars) {
+// Split-K: adds the other ranks' accumulators of this thread's outputs into `acc` where
+// this thread's warp belongs to this rank (returns true: it stores the tile's rows), else
+// leaves its own accumulators there for the owning rank (returns false). `red` is this
+// CTA's stage memory (free after the main loop); chunk j (4 ints) of consumer thread ct
+// sits at int4 j * kConsumerThreads + ct, so a warp's 16-byte accesses are contiguous.
+template <int BN>
+__device__ __forceinline__ bool reduce_split(int (&acc)[Cfg<BN>::kAccRegs], uint8_t* smem, int ct, int rank,
+                                             int splits) {
+  constexpr int kChunks = Cfg<BN>::kAccRegs / 4;
+  static_assert(kChunks * kConsumerThreads * 16 <= Cfg<BN>::kStages * Cfg<BN>::kStageBytes,
+                "the partials fit in the stage memory");
+  int4* red = reinterpret_cast<int4*>(smem);
+  const int owner = (ct >> 5) * splits / (kConsumerThreads / 32);
+  // Every consumer's wgmma reads of the stages are complete (each waited on its own group)
+  // and every producer write is done before any thread overwrites the stages: barrier 1
+  // over all 384 threads (the producers arrive after their loop; a CTA barrier that
+  // racecheck sees, where the mbarrier ordering alone would already suffice).
+  named_barrier_sync(1, kThreads);
+  if (owner != rank) {
+#pragma unroll
+    for (int j = 0; j < kChunks; ++j) {
+      red[j * kConsumerThreads + ct] = make_int4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]);
+    }
+  }
+  cluster_sync();  // every rank's partials written and visible cluster-wide
+  if (owner != rank) return false;
+  // Eight 16-byte loads in flight per thread (32 registers on top of the accumulators),
+  // from one generic DSMEM pointer per rank with immediate offsets (a mapa per load made
+  // ptxas keep 32 addresses and spill at the 168-register cap of the 256-wide tile).
+  constexpr int kGroup = 8;
+  static_assert(kChunks % kGroup == 0, "whole groups of chunks");
+  for (int q = 0; q < splits; ++q) {  // rank order (int32 sums are exact in any order)
+    if (q == rank) continue;
+    const int4* remote = cooperative_groups::this_cluster().map_shared_rank(red + ct, q);
+#pragma unroll
+    for (int j0 = 0; j0 < kChunks; j0 += kGroup) {
+      int4 v[kGroup];
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) v[j] = remote[(j0 + j) * kConsumerThreads];
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) {
+        acc[4 * (j0 + j)] += v[j].x;
+        acc[4 * (j0 + j) + 1] += v[j].y;
+        acc[4 * (j0 + j) + 2] += v[j].z;
+        acc[4 * (j0 + j) + 3] += v[j].w;
+      }
+    }
+  }
+  return true;
+}
+
+// One tile's k-tiles [kt0, kt1) (kt1 > kt0) into `acc`, releasing each stage once its
+// wgmma reads are done; returns with every wgmma complete and the last stage released.
+template <int BN>
+__device__ __forceinline__ void mma_tile(int (&acc)[Cfg<BN>::kAccRegs], uint32_t smem_base, uint32_t bars, int wg,
+                                         int kt0, int kt1, int& stage, uint32_t& phase) {
   using C = Cfg<BN>;
+  int prev = 0;
+  for (int kt = kt0; kt < kt1; ++kt) {
+    mbar_wait(bars + 8 * stage, phase);
+    fence_proxy_async();  // the cp.async-written A tile, seen through the barrier
+    const uint32_t a = smem_base + stage * C::kStageBytes + wg * 64 * kBK;
+    const uint32_t b = smem_base + stage * C::kStageBytes + C::kABytes;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBK / 32; ++kk) {
+      const uint64_t da = sw128_desc(a + 32 * kk);
+      const uint64_t db = sw128_desc(b + 32 * kk);
+      if constexpr (BN == 256) {
+        wgmma_m64n256k32_s8(acc, da, db, kt != kt0 || kk != 0);
+      } else {
+        wgmma_m64n128k32_s8(acc, da, db, kt != kt0 || kk != 0);
+      }
+    }
+    wgmma_commit();
+    if (kt > kt0) {
+      wgmma_wait<1>();  // the previous stage's reads are done
+      mbar_arrive(bars + 8 * (C::kStages + prev));
+    }
+    prev = stage;
+    if (++stage == C::kStages) stage = 0, phase ^= 1;
+  }
+  wgmma_wait<0>();
+#pragma unroll
+  for (int i = 0; i < C::kAccRegs; ++i) reg_fence(acc[i]);
+  mbar_arrive(bars + 8 * (C::kStages + prev));
+}
+
+// Split: the cluster's one tile over this rank's k-tiles (the host keeps S <= k-tiles, so
+// no slice is empty), the reduction, the owning rank's epilogue. Kept free of a tile loop:
+// accumulators written in a divergent path (the owners' adds) must not reach a later
+// wgmma, or ptxas serializes every wgmma of the kernel (C7518).
+template <int BN, class OutT, bool kSplit>
+__device__ __forceinline__ void consumer(const TernaryMatmulParams& p, const TileMap& map, const Work& w,
+                                         uint8_t* smem, uint32_t bars) {
+  using C = Cfg<BN>;
+  const uint32_t smem_base = smem_addr(smem);
   const int ct = threadIdx.x - kProducerThreads;  // 0..255
   const int wg = ct >> 7;                         // 0: tile rows 0..63, 1: rows 64..127
   const float ws = *p.w_scale;
   int acc[C::kAccRegs];
   int stage = 0;
   uint32_t phase = 0;
-  for (int64_t tile = blockIdx.x; tile < map.tiles; tile += gridDim.x) {
-    int prev = 0;
-    for (int kt = 0; kt < map.ktiles; ++kt) {
-      mbar_wait(bars + 8 * stage, phase);
-      fence_proxy_async();  // the cp.async-written A tile, seen through the barrier
-      const uint32_t a = smem_base + stage * C::kStageBytes + wg * 64 * kBK;
-      const uint32_t b = smem_base + stage * C::kStageBytes + C::kABytes;
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBK / 32; ++kk) {
-        const uint64_t da = sw128_desc(a + 32 * kk);
-        const uint64_t db = sw128_desc(b + 32 * kk);
-        if constexpr (BN == 256) {
-          wgmma_m64n256k32_s8(acc, da, db, (kt | kk) != 0);
-        } else {
-          wgmma_m64n128k32_s8(acc, da, db, (kt | kk) != 0);
-        }
-      }
-      wgmma_commit();
-      if (kt > 0) {
-        wgmma_wait<1>();  // the previous stage's reads are done
-        mbar_arrive(bars + 8 * (C::kStages + prev));
-      }
-      prev = stage;
-      if (++stage == C::kStages) stage = 0, phase ^= 1;
+  if constexpr (kSplit) {
+    mma_tile<BN>(acc, smem_base, bars, wg, w.kt0, w.kt1, stage, phase);
+    if (reduce_split<BN>(acc, smem, ct, w.rank, map.splits)) {
+      store_tile<BN, OutT>(p, acc, map.m0(w.first), map.template n0<BN>(w.first), wg, ct & 127, ws);
     }
-    wgmma_wait<0>();
-#pragma unroll
-    for (int i = 0; i < C::kAccRegs; ++i) reg_fence(acc[i]);
-    mbar_arrive(bars + 8 * (C::kStages + prev));
-    store_tile<BN, OutT>(p, acc, map.m0(tile), map.template n0<BN>(tile), wg, ct & 127, ws);
+  } else {
+    for (int64_t tile = w.first; tile < map.tiles; tile += w.stride) {
+      mma_tile<BN>(acc, smem_base, bars, wg, 0, map.ktiles, stage, phase);
+      store_tile<BN, OutT>(p, acc, map.m0(tile), map.template n0<BN>(tile), wg, ct & 127, ws);
+    }
   }
 }
 
-template <int BN, bool kVecA, class OutT>
+template <int BN, bool kVecA, class OutT, bool kSplit>
 __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(TernaryMatmulParams p, TileMap map) {
   using C = Cfg<BN>;
   extern __shared__ uint8_t smem_raw[];
@@ -282,17 +395,24 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(TernaryMatmulPar
     mbar_init_fence();
   }
   __syncthreads();
+  const Work w = work_of<kSplit>(map);
   if (threadIdx.x < kProducerThreads) {
-    producer<BN, kVecA>(p, map, smem, bars);
+    producer<BN, kVecA>(p, map, w, smem, bars);
+    if constexpr (kSplit) {  // the two barriers of reduce_split: stages free, partials written
+      named_barrier_sync(1, kThreads);
+      cluster_sync();
+    }
   } else {
-    consumer<BN, OutT>(p, map, base, bars);
+    consumer<BN, OutT, kSplit>(p, map, w, smem, bars);
   }
+  // No CTA leaves while the other ranks may still read its shared memory.
+  if constexpr (kSplit) cluster_sync();
 }
 
-template <int BN, bool kVecA, class OutT>
-cudaError_t launch_cfg(const TernaryMatmulParams& p, int sms, cudaStream_t stream) {
+template <int BN, bool kVecA, class OutT, bool kSplit>
+cudaError_t launch_cfg(const TernaryMatmulParams& p, int sms, int splits, cudaStream_t stream) {
   constexpr int smem = Cfg<BN>::kSmemBytes;
-  auto kernel = gemm_sm90_kernel<BN, kVecA, OutT>;
+  auto kernel = gemm_sm90_kernel<BN, kVecA, OutT, kSplit>;
   static std::atomic<uint64_t> raised{0};
   cudaError_t err = raise_smem_once(kernel, smem, raised);
   if (err != cudaSuccess) return err;
@@ -300,21 +420,50 @@ cudaError_t launch_cfg(const TernaryMatmulParams& p, int sms, cudaStream_t strea
   map.m_tiles = (p.M + kBM - 1) / kBM;
   map.tiles = map.m_tiles * ((p.N + BN - 1) / BN);
   map.ktiles = static_cast<int>(ternary::blocks_per_row(p.K));
-  const int grid = static_cast<int>(std::min<int64_t>(map.tiles, sms));
-  kernel<<<grid, kThreads, smem, stream>>>(p, map);
-  return cudaGetLastError();
+  map.splits = kSplit ? splits : 1;
+  if constexpr (!kSplit) {
+    const int grid = static_cast<int>(std::min<int64_t>(map.tiles, sms));
+    kernel<<<grid, kThreads, smem, stream>>>(p, map);
+    return cudaGetLastError();
+  }
+  if (map.tiles * splits > INT32_MAX) return cudaErrorInvalidValue;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(map.tiles * splits), 1, 1);
+  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(splits);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, p, map);
+}
+
+template <bool kSplit, class OutT, int BN>
+cudaError_t launch_bn(const TernaryMatmulParams& p, int sms, int splits, cudaStream_t stream) {
+  const bool vec_a = reinterpret_cast<uintptr_t>(p.x_q) % 16 == 0 && p.x_row_stride % 16 == 0;
+  return vec_a ? launch_cfg<BN, true, OutT, kSplit>(p, sms, splits, stream)
+               : launch_cfg<BN, false, OutT, kSplit>(p, sms, splits, stream);
 }
 
 template <class OutT>
-cudaError_t launch_typed(const TernaryMatmulParams& p, int sms, cudaStream_t stream) {
-  const bool vec_a = reinterpret_cast<uintptr_t>(p.x_q) % 16 == 0 && p.x_row_stride % 16 == 0;
+cudaError_t launch_typed(const TernaryMatmulParams& p, int sms, int splits, cudaStream_t stream) {
   // 256-wide tiles read A once per 256 outputs instead of 128 (less shared-memory traffic
-  // per wgmma); 128-wide ones where the 256-wide grid would leave SMs idle.
+  // per wgmma); 128-wide ones where the 256-wide grid would leave SMs idle. Split: the
+  // 256-wide tile where its split grid still fits on the SMs in one wave.
   const int64_t tiles256 = ((p.M + kBM - 1) / kBM) * ((p.N + 255) / 256);
-  if (tiles256 >= sms) {
-    return vec_a ? launch_cfg<256, true, OutT>(p, sms, stream) : launch_cfg<256, false, OutT>(p, sms, stream);
+  // At least one k-tile per rank (K = 64 with S = 8 runs unsplit): the consumers then have
+  // no empty-slice branch around their wgmmas.
+  splits = static_cast<int>(std::min<int64_t>(splits, ternary::blocks_per_row(p.K)));
+  if (splits > 1) {
+    return tiles256 * splits <= sms ? launch_bn<true, OutT, 256>(p, sms, splits, stream)
+                                    : launch_bn<true, OutT, 128>(p, sms, splits, stream);
   }
-  return vec_a ? launch_cfg<128, true, OutT>(p, sms, stream) : launch_cfg<128, false, OutT>(p, sms, stream);
+  return tiles256 >= sms ? launch_bn<false, OutT, 256>(p, sms, 1, stream)
+                         : launch_bn<false, OutT, 128>(p, sms, 1, stream);
 }
 
 }  // namespace
@@ -330,8 +479,40 @@ cudaError_t launch_gemm_sm90(const TernaryMatmulParams& p, cudaStream_t stream) 
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
   if (err != cudaSuccess) return err;
   if (major != 9 || minor != 0) return cudaErrorNotSupported;
-  MMFREE_TERNARY_DISPATCH_OUT(p.out_dtype, T, { return launch_typed<T>(p, sms, stream); });
+  const int mode = sm90_split_override();
+  if (mode == kSplitKInvalid) return cudaErrorInvalidValue;
+  const int splits = mode == kSplitKAuto ? sm90_split_count(p.M, p.N, p.K, sms) : std::max(mode, 1);
+  MMFREE_TERNARY_DISPATCH_OUT(p.out_dtype, T, { return launch_typed<T>(p, sms, splits, stream); });
   return cudaSuccess;
+}
+
+int sm90_split_override() {
+  const char* v = std::getenv("MMFREE_TERNARY_SM90_SPLITK");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return kSplitKAuto;
+  if (std::strcmp(v, "off") == 0) return kSplitKOff;
+  if (v[0] >= '2' && v[0] <= '0' + kMaxSm90SplitK && v[1] == '\0') return v[0] - '0';
+  std::fprintf(stderr, "mmfree: MMFREE_TERNARY_SM90_SPLITK must be 'auto', 'off' or 2..%d, got '%s'\n",
+               kMaxSm90SplitK, v);
+  return kSplitKInvalid;
+}
+
+int sm90_split_count(int64_t M, int64_t N, int64_t K, int sms) {
+  if (!kSm90SplitAuto) return 1;
+  // Candidate rule (not measured yet): from one full 128-row tile (below, the small-M
+  // split kernel), split only where the unsplit 128 x 128 grid leaves more than a third of
+  // the SMs idle, into the most ways whose grid still fits one wave of 128 x 256 tiles,
+  // each rank keeping at least 8 k-tiles (against the pipeline fill and the reduction).
+  // M = 512: 6912->2560 splits 3 ways (120 CTAs of 18 k-tiles), 2560->2560 2 ways.
+  if (M < kBM) return 1;
+  const int64_t tiles256 = ceil_div(M, kBM) * ceil_div(N, 256);
+  const int64_t tiles128 = ceil_div(M, kBM) * ceil_div(N, 128);
+  if (3 * tiles128 >= 2 * sms) return 1;
+  const int64_t ktiles = ternary::blocks_per_row(K);
+  int best = 1;
+  for (int s = 2; s <= kMaxSm90SplitK; ++s) {
+    if (tiles256 * s <= sms && ktiles >= 8 * s) best = s;
+  }
+  return best;
 }
 
 }  // namespace ternary_kernels

@@ -77,6 +77,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_split_k_kernel(TernaryMatmul
   using T = Tile<BM>;
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ int row_sum[BM];
+  __shared__ float row_scale[BM];
   cg::cluster_group cluster = cg::this_cluster();
   const int splits = static_cast<int>(cluster.num_blocks());
   const int rank = static_cast<int>(cluster.block_rank());
@@ -93,6 +94,10 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_split_k_kernel(TernaryMatmul
   const int64_t kt0 = ktiles * rank / splits;
   const int64_t kt1 = ktiles * (rank + 1) / splits;
   const int live_rows = static_cast<int>(std::min<int64_t>(BM, p.M - m0));
+  // The epilogue's scales, requested now so that their DRAM latency hides behind the main
+  // loop instead of following the cluster barrier (v1: a DRAM round trip there).
+  const float ws = *p.w_scale;
+  const float my_xs = tid < live_rows ? p.x_scale[m0 + tid] : 0.f;
 
   int acc[T::kMTiles][T::kNTiles][4];
   int my_sum;
@@ -101,6 +106,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_split_k_kernel(TernaryMatmul
 #pragma unroll
   for (int o = 1; o < T::kSumThreadsPerRow; o <<= 1) my_sum += __shfl_xor_sync(0xffffffffu, my_sum, o);
   if (tid % T::kSumThreadsPerRow == 0) row_sum[sum_row] = my_sum;
+  if (tid < BM) row_scale[tid] = my_xs;
   __syncthreads();  // row sums visible; every warp is done reading the pipeline stages
 
   // This slice's partial, acc - row sum (int32: the ranks' sum is the exact total).
@@ -122,7 +128,6 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_split_k_kernel(TernaryMatmul
   }
   cluster.sync();  // every rank's partial is written and visible cluster-wide
 
-  const float ws = *p.w_scale;
   OutT* out = static_cast<OutT*>(p.out);
   const bool vec4 = p.N % 4 == 0 && reinterpret_cast<uintptr_t>(p.out) % 16 == 0;
   constexpr int kQuads = kBN / 4;
@@ -133,14 +138,21 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_split_k_kernel(TernaryMatmul
     const int c4 = (u % kQuads) * 4;
     const int64_t n = n0 + c4;
     if (n >= p.N) continue;
-    int4 s = make_int4(0, 0, 0, 0);
     int* mine = red + lrow * kRedStride + c4;
-    for (int q = 0; q < splits; ++q) {  // rank order: the same sum on every run
-      const int4 v = *reinterpret_cast<const int4*>(cluster.map_shared_rank(mine, q));
-      s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
+    // All the ranks' 16-byte loads in flight at once (unrolled to the largest cluster,
+    // predicated on the actual one), then summed in rank order.
+    int4 part[kMaxSplitK];
+#pragma unroll
+    for (int q = 0; q < kMaxSplitK; ++q) {
+      if (q < splits) part[q] = *reinterpret_cast<const int4*>(cluster.map_shared_rank(mine, q));
+    }
+    int4 s = part[0];
+#pragma unroll
+    for (int q = 1; q < kMaxSplitK; ++q) {
+      if (q < splits) s.x += part[q].x, s.y += part[q].y, s.z += part[q].z, s.w += part[q].w;
     }
     const int64_t m = m0 + lrow;
-    const float xs = p.x_scale[m];
+    const float xs = row_scale[lrow];
     const OutT v[4] = {rescale<OutT>(s.x, xs, ws), rescale<OutT>(s.y, xs, ws), rescale<OutT>(s.z, xs, ws),
                        rescale<OutT>(s.w, xs, ws)};
     store4(out + m * p.N + n, v, n, p.N, vec4);

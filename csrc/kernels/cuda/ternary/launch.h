@@ -41,6 +41,14 @@ constexpr int kMaxSplitK = 8;
 // From M = 3 the split kernel beats the GEMV (H200, forced split vs GEMV at M = 2 / 4:
 // 8.7 / 8.8 vs 8.1 / 10.6 us on 2560->2560, 14.3 / 14.2 vs 14.3 / 21.9 on 2560->13824).
 constexpr int kSplitKMinRows = 3;
+// Split-K inside the wgmma GEMM (gemm_sm90.cu): a cluster of 2..kMaxSm90SplitK CTAs per
+// output tile along K, for shapes with fewer tiles than SMs (M = 512 x N = 2560: 40 tiles
+// of 128 x 256 on 132 SMs). MMFREE_TERNARY_SM90_SPLITK: "auto" (or unset), "off" or 2..8
+// (every product the wgmma kernel runs). Under auto, sm90_split_count() decides, and it
+// says 1 (no split) while kSm90SplitAuto is false: the rule is a candidate that has not
+// been measured yet (benchmarks/NOTES.md, issue 11, "split-K in the wgmma GEMM").
+constexpr int kMaxSm90SplitK = 8;
+constexpr bool kSm90SplitAuto = false;
 constexpr int kSplitKAuto = -1;
 constexpr int kSplitKOff = 0;
 constexpr int kSplitKInvalid = -2;
@@ -59,12 +67,18 @@ cudaError_t launch_gemm(const TernaryMatmulParams& p, cudaStream_t stream);
 // Prefill GEMM on Hopper: int8 wgmma, warp-specialized, persistent (gemm_sm90.cu). Only
 // built where the arch list has 90 (MMFREE_HAVE_SM90_GEMM); cudaErrorNotSupported on a
 // device other than sm_90. Any M, K and x alignment; needs `packed` 16-byte aligned.
+// Splits K over a cluster as MMFREE_TERNARY_SM90_SPLITK says (sm90_split_override below).
 cudaError_t launch_gemm_sm90(const TernaryMatmulParams& p, cudaStream_t stream);
 // Small-M GEMM: the mma.sync main loop split over K across `splits` (1..kMaxSplitK) CTAs
 // of a cluster, reduced through distributed shared memory (gemm_split_k.cu). Any M, K and
 // x alignment; needs `packed` 16-byte aligned and an sm_90 device (cudaErrorNotSupported
 // elsewhere or in a build without arch 90).
 cudaError_t launch_gemm_split_k(const TernaryMatmulParams& p, int splits, cudaStream_t stream);
+// MMFREE_TERNARY_SM90_SPLITK: kSplitKAuto, kSplitKOff, 2..kMaxSm90SplitK, or
+// kSplitKInvalid (after a message on stderr) for anything else.
+int sm90_split_override();
+// CTAs per cluster the wgmma GEMM uses for this product under auto (1: no split).
+int sm90_split_count(int64_t M, int64_t N, int64_t K, int sms);
 // CTAs per cluster the automatic selection uses for this product on `sms` SMs; 1 means
 // the unsplit kernel (gemm.cu) is the better one.
 int split_k_count(int64_t M, int64_t N, int64_t K, int sms);

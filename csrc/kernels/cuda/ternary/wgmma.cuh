@@ -1,6 +1,7 @@
 // Inline-PTX helpers of the sm_90a ternary GEMM (gemm_sm90.cu): mbarriers, the async-proxy
-// fence, wgmma descriptors, fences and the two int8 wgmma shapes it uses. Include only from
-// code compiled for sm_90a (wgmma and setmaxnreg do not exist elsewhere).
+// fence, cluster rank and barrier, named barriers, wgmma descriptors, fences and the two int8
+// wgmma shapes it uses. Include only from code compiled for sm_90a (wgmma and setmaxnreg
+// do not exist elsewhere).
 #pragma once
 
 #include <cstdint>
@@ -37,6 +38,22 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 // Orders this thread's generic-proxy shared-memory accesses with the async proxy (wgmma
 // reads its operands through the async proxy).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Thread-block clusters (the split-K mode of gemm_sm90.cu). This CTA's rank in its cluster.
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// Every thread of every CTA of the cluster arrives (release: its earlier shared-memory
+// writes become visible cluster-wide), then waits for all of them (acquire).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+// Waits at named barrier `id` for `count` threads (whole warps).
+__device__ __forceinline__ void named_barrier_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
 
 template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() {
