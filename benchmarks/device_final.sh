@@ -14,6 +14,7 @@
 # sanitize: initcheck with host backtraces on the GLU case, memcheck/racecheck on small cases of
 #   the kernel families that changed; bench: GEMM sweep (split-K), decode variants, MLGRU,
 #   BitLinear stages, the model training step against a bf16 Llama (eager and compiled).
+# STEPS may also hold `initcheck` (the GLU case alone, host backtraces).
 # Logs and JSON go to $OUT (one .tgz plus the summary); a short summary prints last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -79,18 +80,20 @@ san() {  # san <tool> <name> <extra sanitizer flags...> -- <pytest args...>
   local rc=$?
   note "$tool $name rc=$rc $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$LOG/san.$name.$tool.log" | tail -1) $(tail -1 "$LOG/san.$name.$tool.log")"
 }
+if has initcheck || has sanitize; then
+  step initcheck
+  # The GLU case initcheck flagged last session: host backtraces say which call read what.
+  san initcheck glu --print-limit 20 --show-backtrace host -- tests/test_act.py -k "silu_mul_ternary_linear_equals and cuda"
+fi
 if has sanitize; then
   step sanitize
-  # The GLU case initcheck flagged last session: host backtraces say which call read what.
-  SAN_TIMEOUT=60 san initcheck glu --print-limit 20 --show-backtrace host -- tests/test_act.py \
-    -k "silu_mul_ternary_linear_equals and cuda"
   # memcheck over the small CUDA cases of every test file (xdist workers: the sanitizer follows
   # child processes), racecheck over the kernels with shared-memory exchanges.
   small='cuda and not real_shapes and not past_2g and not 6913 and not 8192 and not 8200 and not 13824 and not fuzz'
   SAN_TIMEOUT=${MEMCHECK_TIMEOUT:-100} san memcheck suite --error-exitcode 9 -- -n "${XDIST:-6}" tests -m cuda -k "$small"
   SAN_TIMEOUT=${RACECHECK_TIMEOUT:-90} san racecheck kernels --error-exitcode 9 -- -n "${XDIST:-6}" \
     tests/test_ternary_split_k_cuda.py tests/test_ternary_sm90_cuda.py tests/test_norm_backward_cuda.py \
-    tests/test_norm.py tests/test_mlgru.py tests/test_decode_step.py -m cuda -k "$small and (graph or tiny or 100 or 7 or 33)"
+    tests/test_norm.py tests/test_mlgru.py tests/test_decode_step.py -m cuda -k "$small and (graph or tiny or 100 or 7 or 33 or split or v4)"
 fi
 
 bench() {  # bench <seconds> <name> <command...>
@@ -102,12 +105,23 @@ bench() {  # bench <seconds> <name> <command...>
 }
 if has bench; then
   step bench
-  TAIL=30 bench 60 bench_mlgru python3 benchmarks/bench_mlgru.py --quick --json "$LOG/bench_mlgru.json"
-  TAIL=24 bench 60 bench_bitlinear python3 benchmarks/bench_train_cuda.py --quick --json "$LOG/bench_bitlinear.json"
-  TAIL=14 bench 80 bench_train_eager python3 benchmarks/bench_train_model.py --device cuda --modes eager \
-    --json "$LOG/bench_train_model_eager.json"
-  TAIL=14 bench 130 bench_train_compiled python3 benchmarks/bench_train_model.py --device cuda --modes compiled \
-    --json "$LOG/bench_train_model_compiled.json"
+  # BENCH picks and orders them: gemm decode mlgru bitlinear train_eager train_compiled.
+  for b in ${BENCH:-gemm decode mlgru bitlinear train_eager train_compiled}; do
+    case $b in
+      gemm) TAIL=60 bench 60 gemm python3 benchmarks/bench_ternary_cuda.py --splitk-sweep \
+              --json "$LOG/splitk_sweep.json" ;;
+      decode) TAIL=20 bench 75 decode env PYTHONPATH="$PYTHONPATH:benchmarks" python3 benchmarks/decode_variants.py \
+                --batch 1 ;;
+      mlgru) TAIL=30 bench 45 mlgru python3 benchmarks/bench_mlgru.py --quick --json "$LOG/bench_mlgru.json" ;;
+      bitlinear) TAIL=24 bench 60 bitlinear python3 benchmarks/bench_train_cuda.py --quick \
+                   --json "$LOG/bench_bitlinear.json" ;;
+      train_eager) TAIL=14 bench 75 train_eager python3 benchmarks/bench_train_model.py --device cuda --modes eager \
+                     --json "$LOG/bench_train_model_eager.json" ;;
+      train_compiled) TAIL=14 bench 130 train_compiled python3 benchmarks/bench_train_model.py --device cuda \
+                        --modes compiled --json "$LOG/bench_train_model_compiled.json" ;;
+      *) echo "unknown bench $b" ;;
+    esac
+  done
 fi
 
 step summary
