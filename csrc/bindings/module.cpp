@@ -1,14 +1,16 @@
-// The pybind11 module mmfree_ext._C. Importing it runs the TORCH_LIBRARY registrations of
-// every ops_*.cpp in this library (torch.ops.mmfree.*) and installs torch's thread pool
-// as the CPU kernels' parallel backend. The module itself exposes only build and CPU
-// information: ops are reached through torch.ops, never through pybind11 tensor
-// functions, so that torch.compile and autograd see them.
-#include <ATen/Parallel.h>
+// The pybind11 module mmfree_ext._C. Importing it runs the STABLE_TORCH_LIBRARY
+// registrations of every ops_*.cpp in this library (the torch.ops.mmfree.* schemas and
+// their CPU kernels; the CUDA kernels live in the companion library _C_cuda, which
+// mmfree_ext loads where torch has CUDA) and installs torch's thread pool as the CPU
+// kernels' parallel backend. The module itself exposes only build and CPU information:
+// ops are reached through torch.ops, never through pybind11 tensor functions, so that
+// torch.compile and autograd see them. It uses torch only through the stable ABI.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <string>
 
+#include "bindings/torch_stable.h"
 #include "cpu/cpu_features.h"
 #include "cpu/parallel.h"
 #include "mmfree_build_config.h"
@@ -18,16 +20,17 @@ namespace py = pybind11;
 namespace {
 
 void torch_parallel_backend(int64_t begin, int64_t end, int64_t grain, mmfree::cpu::RangeFn fn, void* ctx) {
-  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { fn(ctx, b, e); });
+  torch::stable::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { fn(ctx, b, e); });
 }
 
-int torch_thread_count() { return at::get_num_threads(); }
+int torch_thread_count() { return static_cast<int>(torch::stable::get_num_threads()); }
 
 py::dict build_info() {
   py::dict d;
   d["torch_version"] = MMFREE_BUILD_TORCH_VERSION;
   d["torch_cuda"] = MMFREE_BUILD_TORCH_CUDA;
-#if defined(MMFREE_WITH_CUDA)
+  d["torch_target_version"] = MMFREE_TORCH_TARGET;
+#if defined(MMFREE_BUILT_CUDA)
   d["cuda"] = true;
   d["cuda_compiler_version"] = MMFREE_BUILD_CUDA_COMPILER_VERSION;
 #else
