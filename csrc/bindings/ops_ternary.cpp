@@ -403,6 +403,15 @@ std::tuple<Tensor, Tensor> ternary_linear_packed_backward_impl(const Tensor& gra
 
 }  // namespace
 
+#define MMFREE_TERNARY_IMPLS(m)                                                                     \
+  m.impl("ternary_matmul", TORCH_BOX(&ternary_matmul_impl));                                        \
+  m.impl("ternary_matmul_grouped", TORCH_BOX(&ternary_matmul_grouped_impl));                        \
+  m.impl("ternary_matmul_t", TORCH_BOX(&ternary_matmul_t_impl));                                    \
+  m.impl("ternary_linear", TORCH_BOX(&ternary_linear_impl));                                        \
+  m.impl("ternary_linear_backward", TORCH_BOX(&ternary_linear_backward_impl));                      \
+  m.impl("ternary_linear_packed", TORCH_BOX(&ternary_linear_packed_impl));                          \
+  m.impl("ternary_linear_packed_backward", TORCH_BOX(&ternary_linear_packed_backward_impl));
+
 #if !defined(MMFREE_WITH_CUDA)
 STABLE_TORCH_LIBRARY_FRAGMENT(mmfree, m) {
   m.def("ternary_matmul(Tensor x_q, Tensor x_scale, Tensor packed, Tensor w_scale, ScalarType out_dtype) -> Tensor");
@@ -420,17 +429,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(mmfree, m) {
       "float eps) -> (Tensor grad_x, Tensor grad_norm_weight)");
 }
 
-#define MMFREE_TERNARY_IMPLS(m)                                                       \
-  m.impl("ternary_matmul", TORCH_BOX(&ternary_matmul_impl));                          \
-  m.impl("ternary_matmul_grouped", TORCH_BOX(&ternary_matmul_grouped_impl));          \
-  m.impl("ternary_matmul_t", TORCH_BOX(&ternary_matmul_t_impl));                      \
-  m.impl("ternary_linear", TORCH_BOX(&ternary_linear_impl));                          \
-  m.impl("ternary_linear_backward", TORCH_BOX(&ternary_linear_backward_impl));        \
-  m.impl("ternary_linear_packed", TORCH_BOX(&ternary_linear_packed_impl));            \
-  m.impl("ternary_linear_packed_backward", TORCH_BOX(&ternary_linear_packed_backward_impl));
-
 STABLE_TORCH_LIBRARY_IMPL(mmfree, CPU, m) { MMFREE_TERNARY_IMPLS(m) }
-
 #else
 STABLE_TORCH_LIBRARY_IMPL(mmfree, CUDA, m) { MMFREE_TERNARY_IMPLS(m) }
 #endif
