@@ -44,14 +44,15 @@ lint: env
 # manylinux wheel in dist/. torch's own libraries and the CUDA runtime are excluded: they
 # come from the torch that is installed, never a second copy in this wheel.
 WHEEL_CMAKE_ARGS ?=
+DIST ?= dist
 AUDITWHEEL_EXCLUDES = --exclude 'libtorch*.so*' --exclude 'libc10*.so*' --exclude 'libcudart.so*'
 wheel: env
-	rm -rf dist/raw && mkdir -p dist
-	$(PYTHON) -m pip wheel --no-build-isolation --no-deps -w dist/raw \
+	rm -rf $(DIST)/raw && mkdir -p $(DIST)
+	$(PYTHON) -m pip wheel --no-build-isolation --no-deps -w $(DIST)/raw \
 		$(foreach a,$(WHEEL_CMAKE_ARGS),--config-settings=cmake.define.$(a)) .
-	$(PYTHON) -m auditwheel repair $(AUDITWHEEL_EXCLUDES) -w dist dist/raw/mmfree_ext-*.whl
-	rm -rf dist/raw
-	@ls -l dist/mmfree_ext-*.whl
+	$(PYTHON) -m auditwheel repair $(AUDITWHEEL_EXCLUDES) -w $(DIST) $(DIST)/raw/mmfree_ext-*.whl
+	rm -rf $(DIST)/raw
+	@ls -l $(DIST)/mmfree_ext-*.whl
 
 bench-cpp: build
 	@ls $(BUILD_DIR)/benchmarks/cpp/bench_* 2>/dev/null || echo "no C++ benchmarks built"
