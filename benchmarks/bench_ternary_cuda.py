@@ -3,13 +3,19 @@
 Decode GEMV (M = 1, 4, 8, 16) is judged by bandwidth: bytes = packed weights + int8
 activations + scales + bf16 output, printed as GB/s and % of the measured copy bandwidth.
 Prefill GEMM (M = 512, 2048, 4096) is judged by TOPS (2*M*N*K) against bf16 F.linear.
+``--gemm-sweep`` times both tensor-core kernels (mma.sync and, on sm_90, the wgmma one,
+forced through MMFREE_TERNARY_GEMM) and the dispatcher's pick over M = 128..8192 on the
+four 2.7B shapes, with the % of the int8 peak; benchmarks/plot_gemm_ratio.py turns its JSON
+into docs/gemm_ratio_vs_m.png.
 
     python benchmarks/bench_ternary_cuda.py --device cuda --json ternary_cuda.json
+    python benchmarks/bench_ternary_cuda.py --gemm-sweep --json gemm_sweep.json
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import mmfree_ext  # noqa: F401  (registers torch.ops.mmfree.*)
+import mmfree_ext  # registers torch.ops.mmfree.*
 from common import Case, Row, bench, print_table, save_json
 from mmfree_ext import reference as ref
 
@@ -27,6 +33,11 @@ GEMV_SHAPES = [(13824, 2560), (2560, 6912), (2560, 2560), (32000, 2560)]
 GEMV_ROWS = [1, 4, 8, 16]
 GEMM_SHAPES = [(2560, 2560), (13824, 2560), (2560, 6912)]
 GEMM_ROWS = [512, 2048, 4096]
+SWEEP_SHAPES = [(2560, 2560), (13824, 2560), (2560, 6912), (32000, 2560)]
+SWEEP_ROWS = [128, 512, 2048, 4096, 8192]
+# Dense int8 tensor-core peak of the H200 used for "% of peak" (the issue's figure; the
+# boost-clock datasheet value is 1979 TOPS).
+INT8_PEAK_TOPS = 1580.0
 
 
 def make_case(m: int, n: int, k: int, device: str) -> Case:
@@ -60,16 +71,59 @@ def warm_up_gpu(seconds: float = 1.0) -> None:
         torch.cuda.synchronize()
 
 
+def gemm_sweep(device: str) -> list[Row]:
+    """Each impl of MMFREE_TERNARY_GEMM (the env var is read at every call) against bf16
+    F.linear timed in the same case."""
+    impls = ["mma", "auto"]
+    if torch.cuda.get_device_capability() == (9, 0) and any(
+        a.startswith("90") for a in mmfree_ext.build_info()["cuda_archs"]
+    ):
+        impls.insert(1, "sm90")
+    rows: list[Row] = []
+    saved = os.environ.get("MMFREE_TERNARY_GEMM")
+    try:
+        for m in SWEEP_ROWS:
+            for n, k in SWEEP_SHAPES:
+                case = make_case(m, n, k, device)
+                for impl in impls:
+                    os.environ["MMFREE_TERNARY_GEMM"] = impl
+                    case.name = f"ternary_matmul[{impl}]"
+                    case.extra["impl"] = impl
+                    row = bench(case, device)
+                    row.extra["pct_int8_peak"] = 100.0 * (row.tflops or 0.0) / INT8_PEAK_TOPS
+                    rows.append(row)
+    finally:
+        if saved is None:
+            os.environ.pop("MMFREE_TERNARY_GEMM", None)
+        else:
+            os.environ["MMFREE_TERNARY_GEMM"] = saved
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="only cuda is meaningful here")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     parser.add_argument("--quick", action="store_true", help="M=1 and M=512 only")
+    parser.add_argument("--gemm-sweep", action="store_true", help="only the prefill GEMM sweep (M = 128..8192)")
     args = parser.parse_args()
     if not args.device.startswith("cuda") or not torch.cuda.is_available():
         raise SystemExit("bench_ternary_cuda needs a CUDA device (--device cuda)")
     torch.manual_seed(0)
     warm_up_gpu()
+    if args.gemm_sweep:
+        rows = gemm_sweep(args.device)
+        print_table(rows, f"prefill GEMM sweep (bf16 out) vs bf16 F.linear; int8 peak {INT8_PEAK_TOPS:.0f} TOPS")
+        print(f"\n{'impl':<6} {'M':>5} {'K->N':>12} {'us':>9} {'bf16 us':>9} {'ratio':>6} {'TOPS':>7} {'%peak':>6}")
+        for r in rows:
+            e = r.extra
+            print(
+                f"{e['impl']:<6} {e['M']:>5} {str(e['K']) + '->' + str(e['N']):>12} {r.us:>9.1f} "
+                f"{r.baseline_us:>9.1f} {r.speedup:>6.2f} {r.tflops:>7.0f} {e['pct_int8_peak']:>6.1f}"
+            )
+        if args.json:
+            save_json(rows, args.json, {"bench": "ternary_cuda_gemm_sweep", "int8_peak_tops": INT8_PEAK_TOPS})
+        return
     gemv_rows = [1] if args.quick else GEMV_ROWS
     gemm_rows = [512] if args.quick else GEMM_ROWS
 

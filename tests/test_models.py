@@ -398,28 +398,17 @@ def test_compile_fullgraph_prefill_and_decode():
 
 
 def test_compile_fullgraph_training_step():
-    from mmfree_ext.training import lm_loss
+    from mmfree_ext.train import lm_loss_sum
 
     torch._dynamo.reset()
     model = _model_from(_reference())
     batch = torch.randint(0, TINY["vocab_size"], (2, 9))
-    step = torch.compile(lambda b: lm_loss(model, b), fullgraph=True, backend="aot_eager")
+    step = torch.compile(lambda b: lm_loss_sum(model, b[:, :-1], b[:, 1:]), fullgraph=True, backend="aot_eager")
     loss = step(batch)
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
     assert float(grads["model.layers.1.attn.i_proj.weight"].abs().sum()) > 0
-
-
-def test_training_reduces_loss():
-    from mmfree_ext.training import train_for
-
-    model = MMfreeLMForCausalLM(named_config("tiny", vocab_size=258, hidden_size=64), init_seed=0)
-    data = torch.tensor(list(b"the quick brown fox jumps over the lazy dog. " * 40), dtype=torch.long)
-    res = train_for(model, data, seconds=0, batch_size=4, seq_len=32, lr=1e-2, max_steps=30, log=lambda s: None,
-                    progress=False)  # fmt: skip
-    first, last = res.smoothed(5)
-    assert res.steps == 30 and last < first - 0.5
 
 
 # ----------------------------------------------------------------------------------------
@@ -487,7 +476,8 @@ def test_demo_runs_and_learns(capsys):
     """The README's `make demo` path (python -m mmfree_ext demo), shortened."""
     from mmfree_ext.demo import DemoSettings, run_demo
 
-    res = run_demo(DemoSettings(seconds=4, device="cpu", new_tokens=20), log=print)
+    # one thread: two threads on a busy 2-core machine spin against each other (10x slower steps)
+    res = run_demo(DemoSettings(seconds=4, device="cpu", new_tokens=20, threads=1), log=print)
     out = capsys.readouterr().out
     assert "tok/s" in out and "--- sample" in out
     assert res["loss_last"] < res["loss_first"] and res["logits_rel_diff"] < LOGITS_RTOL

@@ -434,47 +434,6 @@ def test_cuda_generic_path_agrees_with_vector_path(dtype: torch.dtype) -> None:
         assert_codes_close(gq_m, gq_v)
 
 
-_VARIANT_SCRIPT = """
-import sys, torch, mmfree_ext
-torch.manual_seed(0)
-out = []
-for k, rows in ((8, 5), (1032, 37), (2048, 9), (2056, 6), (2560, 33), (3072, 7), (3080, 5), (4096, 13), (6912, 3)):
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        g = (torch.randn(rows, k) * 3.0).to(dtype).cuda()
-        h = (torch.randn(rows, k) * 4.0).to(dtype).cuda()
-        for w_dtype in (torch.float32, dtype):
-            ws = (1.0 + 0.5 * torch.randn(5, k)).to(w_dtype).cuda()
-            out += list(mmfree_ext.rms_norm_quant(g, ws[0], 1e-6))
-            out += list(mmfree_ext.rms_norm_quant_multi(g, ws, 1e-6))  # P=5: two fused groups
-            out += list(mmfree_ext.rms_norm_swish_gate_quant(g, h, ws[1], 1e-6, ws[2], 2e-6))
-torch.save([t.cpu() for t in out], sys.argv[1])
-"""
-
-
-@pytest.mark.cuda
-def test_cuda_warp_kernels_equal_block_kernels(tmp_path: Any) -> None:
-    """The default warp-per-row kernels reproduce the legacy block kernels bit for bit.
-
-    The variant is read once per process from MMFREE_NORM_CUDA_VARIANT, so each variant
-    runs in its own interpreter on identical inputs (K covers 8, 12 and 16 slots per lane,
-    the block-only width 6912, row counts not a multiple of the 4 rows per block).
-    """
-    import os
-    import subprocess
-    import sys
-
-    results = []
-    for variant in ("0", "1"):
-        env = dict(os.environ, MMFREE_NORM_CUDA_VARIANT=variant)
-        path = tmp_path / f"v{variant}.pt"
-        subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT, str(path)], env=env, check=True)
-        results.append(torch.load(path))
-    assert len(results[0]) == len(results[1]) > 0
-    for a, b in zip(results[0], results[1], strict=True):
-        assert torch.equal(a, b)
-        assert not (a.dtype == torch.float32 and torch.isnan(a).any())
-
-
 @pytest.mark.cuda
 def test_cuda_uses_current_stream() -> None:
     x = torch.randn(256, 2560, device="cuda", dtype=torch.bfloat16)

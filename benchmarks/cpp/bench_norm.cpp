@@ -97,30 +97,6 @@ T* upload(const std::vector<T>& v) {
   return d;
 }
 
-std::string variant_tag(NormVariant v) { return v == NormVariant::kBlock ? " [v1 block]" : " [v2 warp]"; }
-
-// Runs an op under the legacy and the default variant and checks codes and scales bit for bit.
-template <class Run>
-void compare_variants(const char* name, int8_t* q, float* s, size_t mn, int64_t m, int p, Run run) {
-  std::vector<int8_t> q_old(p * mn), q_new(p * mn);
-  std::vector<float> s_old(static_cast<size_t>(p * m)), s_new(static_cast<size_t>(p * m));
-  // Poisoned before each run: a variant that skips a byte shows up as a mismatch.
-  const auto run_into = [&](NormVariant v, std::vector<int8_t>& qh, std::vector<float>& sh) {
-    bench::check_cuda(cudaMemset(q, 0x55, p * mn), "poison");
-    bench::check_cuda(cudaMemset(s, 0xff, sizeof(float) * p * m), "poison");
-    run(v);
-    bench::check_cuda(cudaMemcpy(qh.data(), q, qh.size(), cudaMemcpyDeviceToHost), "download");
-    bench::check_cuda(cudaMemcpy(sh.data(), s, sh.size() * sizeof(float), cudaMemcpyDeviceToHost), "download");
-  };
-  run_into(NormVariant::kBlock, q_old, s_old);
-  run_into(NormVariant::kWarp, q_new, s_new);
-  size_t bad_q = 0, bad_s = 0;
-  for (size_t i = 0; i < q_old.size(); ++i) bad_q += q_old[i] != q_new[i];
-  for (size_t i = 0; i < s_old.size(); ++i) bad_s += std::memcmp(&s_old[i], &s_new[i], sizeof(float)) != 0;
-  std::printf("  %s v1 vs v2: %s (%zu of %zu codes, %zu of %zu scales differ)\n", name,
-              bad_q == 0 && bad_s == 0 ? "bit-identical" : "MISMATCH", bad_q, q_old.size(), bad_s, s_old.size());
-}
-
 void bench_cuda(int64_t m, int64_t n) {
   Buffers b = make_buffers(m, n);
   const size_t mn = static_cast<size_t>(m * n);
@@ -137,24 +113,14 @@ void bench_cuda(int64_t m, int64_t n) {
   float* s = bench::device_alloc<float>(static_cast<size_t>(3 * m));
   const double dmn = static_cast<double>(mn);
   const std::string shape = shape_of(m, n);
-  // Quantizing ops: the legacy block kernel and the default (warp-per-row where it fits),
-  // timed side by side; their outputs must be bit-identical.
   RmsNormQuantParams qp{x, DType::kBFloat16, w, DType::kBFloat16, 1, m, n, 1e-6f, q, s};
   RmsNormQuantParams q3 = qp;
   q3.weights = w3;
   q3.num_weights = 3;
-  for (NormVariant v : {NormVariant::kBlock, NormVariant::kWarp}) {
-    const std::string tag = variant_tag(v);
-    qp.variant = q3.variant = v;
-    bench::report(bench::time_cuda("cuda/rms_norm_quant" + tag, shape, dmn * 3 + 4 * m, 0,
-                                   [&] { bench::check_cuda(cuda::rms_norm_quant(qp, nullptr), "quant"); }));
-    bench::report(bench::time_cuda("cuda/rms_norm_quant_multi3" + tag, shape, dmn * 5 + 12 * m, 0,
-                                   [&] { bench::check_cuda(cuda::rms_norm_quant(q3, nullptr), "multi"); }));
-  }
-  compare_variants("rms_norm_quant_multi3", q, s, mn, m, 3,
-                   [&](NormVariant v) { q3.variant = v; bench::check_cuda(cuda::rms_norm_quant(q3, nullptr), "multi"); });
-  compare_variants("rms_norm_quant", q, s, mn, m, 1,
-                   [&](NormVariant v) { qp.variant = v; bench::check_cuda(cuda::rms_norm_quant(qp, nullptr), "quant"); });
+  bench::report(bench::time_cuda("cuda/rms_norm_quant", shape, dmn * 3 + 4 * m, 0,
+                                 [&] { bench::check_cuda(cuda::rms_norm_quant(qp, nullptr), "quant"); }));
+  bench::report(bench::time_cuda("cuda/rms_norm_quant_multi3", shape, dmn * 5 + 12 * m, 0,
+                                 [&] { bench::check_cuda(cuda::rms_norm_quant(q3, nullptr), "multi"); }));
   RmsNormParams rp{x, res, DType::kBFloat16, w, DType::kBFloat16, m, n, 1e-6f, y, ro};
   bench::report(bench::time_cuda("cuda/rms_norm_residual", shape, dmn * 8, 0,
                                  [&] { bench::check_cuda(cuda::rms_norm(rp, nullptr), "rms_norm"); }));
@@ -175,15 +141,8 @@ void bench_cuda(int64_t m, int64_t n) {
   g.x_scale = s;
   bench::report(bench::time_cuda("cuda/rms_norm_swish_gate", shape, dmn * 6, 0,
                                  [&] { bench::check_cuda(cuda::rms_norm_swish_gate(g, nullptr), "gate"); }));
-  for (NormVariant v : {NormVariant::kBlock, NormVariant::kWarp}) {
-    g.variant = v;
-    bench::report(bench::time_cuda("cuda/rms_norm_swish_gate_quant" + variant_tag(v), shape, dmn * 5 + 4 * m, 0,
-                                   [&] { bench::check_cuda(cuda::rms_norm_swish_gate_quant(g, nullptr), "gate_quant"); }));
-  }
-  compare_variants("rms_norm_swish_gate_quant", q, s, mn, m, 1, [&](NormVariant v) {
-    g.variant = v;
-    bench::check_cuda(cuda::rms_norm_swish_gate_quant(g, nullptr), "gate_quant");
-  });
+  bench::report(bench::time_cuda("cuda/rms_norm_swish_gate_quant", shape, dmn * 5 + 4 * m, 0,
+                                 [&] { bench::check_cuda(cuda::rms_norm_swish_gate_quant(g, nullptr), "gate_quant"); }));
   // Device-to-device copy of the same input bytes: the ceiling the targets refer to.
   bench::report(bench::time_cuda("cuda/copy (ceiling)", shape, dmn * 4, 0, [&] {
     bench::check_cuda(cudaMemcpyAsync(y, x, mn * 2, cudaMemcpyDeviceToDevice, nullptr), "copy");

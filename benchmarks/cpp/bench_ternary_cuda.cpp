@@ -3,7 +3,7 @@
 //   bench_ternary_cuda               full check (shape grid + 2.7B shapes), then timings
 //   bench_ternary_cuda --check-only  small shapes, no timing (for compute-sanitizer)
 //
-// Every output of every kernel (simple, gemv v1 and v2, gemm and the dispatching ternary_matmul) is
+// Every output of every kernel (simple, gemv, gemm and the dispatching ternary_matmul) is
 // compared with a CPU int64 reference: exactly with scales 1 and fp32 output (float(acc)
 // is exact for |acc| < 2^24), and bit for bit with random scales in fp32/bf16/fp16, where
 // the expected value is (float(acc) * x_scale) * w_scale rounded once, as in the reference.
@@ -95,13 +95,16 @@ struct Kernel {
   Launcher fn;
 };
 // Indices into kKernels used by the timing tables and the misaligned-pointer check.
-enum KernelIndex { kSimple = 0, kGemvV1 = 1, kGemvV2 = 2, kGemm = 3, kDispatch = 4 };
+enum KernelIndex { kSimple = 0, kGemvV1 = 1, kGemm = 2, kDispatch = 3, kGemmSm90 = 4 };
+cudaError_t dispatch(const TernaryMatmulParams& p, cudaStream_t stream) { return cuda::ternary_matmul(p, stream); }
 const Kernel kKernels[] = {
     {"simple", &cuda::ternary_kernels::launch_simple},
     {"gemv", &cuda::ternary_kernels::launch_gemv},
-    {"gemv_v2", &cuda::ternary_kernels::launch_gemv_v2},
     {"gemm", &cuda::ternary_kernels::launch_gemm},
-    {"dispatch", &cuda::ternary_matmul},
+    {"dispatch", &dispatch},
+#if defined(MMFREE_HAVE_SM90_GEMM)
+    {"gemm_sm90", &cuda::ternary_kernels::launch_gemm_sm90},  // needs an sm_90 GPU
+#endif
 };
 
 uint32_t expected_bits(int64_t acc, float xs, float ws, DType t) {
@@ -164,8 +167,7 @@ int check_all(bool small) {
   struct Shape { int64_t M, N, K; };
   std::vector<Shape> shapes;
   for (int64_t m : Ms) for (int64_t k : Ks) for (int64_t n : Ns) shapes.push_back({m, n, k});
-  // Long rows: GEMV v2 takes 16 lanes per row above K = 4096 and 32 lanes with several
-  // passes above K = 8192 (the grid above only reaches the 8- and 16-lane paths).
+  // Long rows (several shared-memory slabs of the GEMV, K beyond the grid above).
   for (Shape s : {Shape{1, 37, 9000}, Shape{3, 5, 8193}, Shape{16, 67, 8192}, Shape{9, 130, 16500}})
     shapes.push_back(s);
   if (!small) {
@@ -230,7 +232,7 @@ void report_bw(const bench::Result& r) {
 void time_all() {
   struct NK { int64_t n, k; };
   const NK gemv_shapes[] = {{13824, 2560}, {2560, 6912}, {2560, 2560}, {32000, 2560}};
-  const NK gemm_shapes[] = {{2560, 2560}, {13824, 2560}, {2560, 6912}};
+  const NK gemm_shapes[] = {{2560, 2560}, {13824, 2560}, {2560, 6912}, {32000, 2560}};
   auto time_one = [](const Kernel& kern, int64_t M, int64_t N, int64_t K) {
     Problem pr;  // random bytes are enough for timing; no reference needed
     pr.M = M; pr.N = N; pr.K = K; pr.stride = K; pr.x_offset = 0;
@@ -252,15 +254,12 @@ void time_all() {
                                [&] { bench::check_cuda(kern.fn(p, nullptr), kern.name); }));
     d.release();
   };
-  std::printf("\n# decode GEMV v1 vs v2 (bf16 out); bytes = packed weights + activations + output\n");
+  std::printf("\n# decode GEMV (bf16 out); bytes = packed weights + activations + output\n");
   for (int64_t M : {1, 2, 4, 8, 16}) {
-    for (const NK& s : gemv_shapes) {
-      time_one(kKernels[kGemvV1], M, s.n, s.k);
-      time_one(kKernels[kGemvV2], M, s.n, s.k);
-    }
+    for (const NK& s : gemv_shapes) time_one(kKernels[kGemvV1], M, s.n, s.k);
   }
-  std::printf("\n# dispatch (ternary_matmul) at decode sizes: v2 for M <= %d, v1 below M = %d\n",
-              cuda::ternary_kernels::kGemvV2MaxRows, cuda::ternary_kernels::kGemmMinRows);
+  std::printf("\n# dispatch (ternary_matmul) at decode sizes: the GEMV below M = %d\n",
+              cuda::ternary_kernels::kGemmMinRows);
   for (int64_t M : {1, 16}) {
     for (const NK& s : gemv_shapes) time_one(kKernels[kDispatch], M, s.n, s.k);
   }
@@ -269,13 +268,17 @@ void time_all() {
   for (int64_t M : {8, 16, 32}) {
     for (const NK& s : gemv_shapes) {
       time_one(kKernels[kGemvV1], M, s.n, s.k);
-      time_one(kKernels[kGemvV2], M, s.n, s.k);
       time_one(kKernels[kGemm], M, s.n, s.k);
     }
   }
   std::printf("\n# prefill GEMM (bf16 out); TOPS = 2*M*N*K / time\n");
-  for (int64_t M : {512, 2048, 4096}) {
-    for (const NK& s : gemm_shapes) time_one(kKernels[kGemm], M, s.n, s.k);
+  for (int64_t M : {128, 512, 2048, 4096, 8192}) {
+    for (const NK& s : gemm_shapes) {
+      time_one(kKernels[kGemm], M, s.n, s.k);
+#if defined(MMFREE_HAVE_SM90_GEMM)
+      time_one(kKernels[kGemmSm90], M, s.n, s.k);
+#endif
+    }
   }
 }
 

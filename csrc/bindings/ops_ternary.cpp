@@ -79,6 +79,33 @@ std::vector<int64_t> with_last(IntArrayRef sizes, int64_t last) {
 
 // ---- ternary_matmul ---------------------------------------------------------------------
 
+#if defined(MMFREE_WITH_CUDA)
+// Which CUDA GEMM serves prefill-sized products (M >= 8), from MMFREE_TERNARY_GEMM:
+// unset or "auto" (wgmma on sm_90 for the large products where it measured faster,
+// mma.sync elsewhere; cuda/ternary/launch.h), "mma" (always mma.sync) or "sm90" (always
+// the sm_90a wgmma kernel; an error where that is not built or the GPU is not sm_90).
+// Tests and benchmarks force each kernel with it.
+cuda::TernaryGemmImpl gemm_impl_from_env() {
+  const char* v = std::getenv("MMFREE_TERNARY_GEMM");
+  const std::string impl = v == nullptr ? "" : v;
+  MMFREE_CHECK(impl.empty() || impl == "auto" || impl == "mma" || impl == "sm90",
+              "mmfree: MMFREE_TERNARY_GEMM must be 'auto', 'mma' or 'sm90', got '", impl, "'");
+  if (impl == "mma") return cuda::TernaryGemmImpl::kMma;
+  if (impl == "sm90") {
+    MMFREE_CHECK(cuda::ternary_gemm_sm90_built(),
+                "mmfree: MMFREE_TERNARY_GEMM=sm90 needs a build whose CUDA arch list has 90");
+    return cuda::TernaryGemmImpl::kSm90;
+  }
+  return cuda::TernaryGemmImpl::kAuto;
+}
+
+void check_gemm_launch(cudaError_t err, cuda::TernaryGemmImpl impl) {
+  MMFREE_CHECK(!(err == cudaErrorNotSupported && impl == cuda::TernaryGemmImpl::kSm90),
+              "mmfree: MMFREE_TERNARY_GEMM=sm90 needs an sm_90 GPU (H100/H200)");
+  MMFREE_CUDA_CHECK(err);
+}
+#endif
+
 Tensor ternary_matmul_impl(const Tensor& x_q, const Tensor& x_scale, const Tensor& packed,
                                const Tensor& w_scale, ScalarType out_dtype) {
   check_dtype(x_q, "x_q", kChar);
@@ -102,7 +129,8 @@ Tensor ternary_matmul_impl(const Tensor& x_q, const Tensor& x_scale, const Tenso
   if (x_q.is_cuda()) {
 #if defined(MMFREE_WITH_CUDA)
     const CudaGuard guard(x_q);
-    MMFREE_CUDA_CHECK(cuda::ternary_matmul(p, current_stream(x_q)));
+    const cuda::TernaryGemmImpl impl = gemm_impl_from_env();
+    check_gemm_launch(cuda::ternary_matmul(p, current_stream(x_q), impl), impl);
 #endif
   } else {
     cpu::ternary_matmul(p);
@@ -151,7 +179,9 @@ Tensor ternary_matmul_grouped_impl(const Tensor& x_q, const Tensor& x_scale, con
   if (x_q.is_cuda()) {
 #if defined(MMFREE_WITH_CUDA)
     const CudaGuard guard(x_q);
-    MMFREE_CUDA_CHECK(cuda::ternary_matmul_grouped(ps.data(), static_cast<int>(groups), current_stream(x_q)));
+    const cuda::TernaryGemmImpl impl = gemm_impl_from_env();
+    check_gemm_launch(cuda::ternary_matmul_grouped(ps.data(), static_cast<int>(groups), current_stream(x_q), impl),
+                      impl);
 #endif
   } else {
     for (const auto& p : ps) cpu::ternary_matmul(p);

@@ -169,6 +169,7 @@ inline Tensor div(const Tensor& a, const Tensor& b) { return call_tensor_op("ate
 inline Tensor add(const Tensor& a, const Tensor& b) { return torch::stable::subtract(a, b, -1.0); }  // a - (-1)b, exact
 inline Tensor sub(const Tensor& a, const Tensor& b) { return torch::stable::subtract(a, b); }
 inline Tensor rsqrt(const Tensor& a) { return call_tensor_op("aten::rsqrt", "", a); }
+inline Tensor silu(const Tensor& a) { return call_tensor_op("aten::silu", "", a); }
 inline Tensor sum_keepdim(const Tensor& a, int64_t dim) {
   return torch::stable::sum(a, std::vector<int64_t>{dim}, true);
 }

@@ -22,15 +22,6 @@
 
 namespace mmfree {
 
-// CUDA kernel choice of the quantizing forward ops (numbered variants, timed side by side
-// by bench_norm). kBlock (v1, the default) takes one row per block; kWarp (v2) one row
-// per warp where the row fits (<= 512 16-byte vectors), else a block kernel that loads the
-// weight with x. Both give bit-identical results (the warp kernel reproduces the block
-// kernel's fp32 reduction order). v2 was measured slower on the H100 (benchmarks/NOTES.md),
-// so v1 stays the default. MMFREE_NORM_CUDA_VARIANT (read once per process) overrides the
-// choice for every call: 0 = kWarp, 1 = kBlock; the tests use it to compare the two.
-enum class NormVariant : int { kWarp = 0, kBlock = 1 };
-
 // x [rows, K] -> x_q [P, rows, K] int8 and x_scale [P, rows] fp32, one per norm weight.
 struct RmsNormQuantParams {
   const void* x;
@@ -43,7 +34,6 @@ struct RmsNormQuantParams {
   float eps;
   int8_t* x_q;
   float* x_scale;
-  NormVariant variant = NormVariant::kBlock;  // CUDA only
 };
 
 // y = RMSNorm(x + residual) * w in x's dtype (normalizing the fp32 sum);
@@ -79,7 +69,6 @@ struct RmsNormSwishGateParams {
   float norm_eps;
   int8_t* x_q;
   float* x_scale;
-  NormVariant variant = NormVariant::kBlock;  // CUDA, rms_norm_swish_gate_quant only
 };
 
 // Backward of rms_norm: grad wrt the sum s = x (+ residual); dx = ds (+ grad_residual).

@@ -73,10 +73,20 @@ void ternary_matmul_t(const TernaryMatmulTParams& p);
 
 #if defined(MMFREE_WITH_CUDA)
 namespace cuda {
-cudaError_t ternary_matmul(const TernaryMatmulParams& p, cudaStream_t stream);
+// Which tensor-core GEMM serves the products that do not go to the decode GEMV (M >= 8).
+// kAuto: the sm_90a wgmma kernel on sm_90 devices for the large products where it measured
+// faster (cuda/ternary/launch.h; x rows 16-byte aligned), else the mma.sync kernel.
+// kMma: always mma.sync. kSm90: always wgmma (cudaErrorNotSupported where it is not built
+// or the device is not sm_90).
+enum class TernaryGemmImpl { kAuto, kMma, kSm90 };
+cudaError_t ternary_matmul(const TernaryMatmulParams& p, cudaStream_t stream,
+                           TernaryGemmImpl impl = TernaryGemmImpl::kAuto);
 // `groups` independent products; decode-sized ones (M < the GEMM threshold, same M, N, K
 // and out_dtype, at most 4) share one GEMV launch, others run one after another.
-cudaError_t ternary_matmul_grouped(const TernaryMatmulParams* ps, int groups, cudaStream_t stream);
+cudaError_t ternary_matmul_grouped(const TernaryMatmulParams* ps, int groups, cudaStream_t stream,
+                                   TernaryGemmImpl impl = TernaryGemmImpl::kAuto);
+// Whether this build has the sm_90a wgmma GEMM.
+bool ternary_gemm_sm90_built();
 // cudaErrorInvalidValue for a grad_dtype other than bf16, splits outside 1..3, or a
 // misaligned `packed`; cudaErrorNotSupported where a block cannot have the shared memory
 // the kernel needs (106 KB for one term: sm_80 and sm_90 can, sm_86/sm_89 cannot).

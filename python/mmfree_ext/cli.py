@@ -1,8 +1,11 @@
 """The ``mmfree`` command line (also ``python -m mmfree_ext``).
 
-Subcommands: ``demo`` (train, pack, generate, compare; no download), ``generate`` (a local
-checkpoint folder), ``convert`` (pack a checkpoint to 2 bits), ``bench`` (model throughput on
-random weights at a named size) and ``info`` (build and CPU features).
+Subcommands: ``demo`` (train, pack, generate, compare; no download), ``train`` (a config file
+and/or flags; torchrun or one process), ``plot`` (a training run's curves), ``generate`` (a
+local checkpoint folder), ``convert`` (pack a checkpoint to 2 bits), ``bench`` (model
+throughput on random weights at a named size; ``--train`` for the training step), ``eval``
+(perplexity of a checkpoint on a text file, latent vs packed) and ``info`` (build and CPU
+features).
 """
 
 from __future__ import annotations
@@ -55,6 +58,34 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     run_demo(settings)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import ConfigError, run_training
+    from .train.config import config_from_args
+
+    try:
+        cfg = config_from_args(args)
+        if args.print_config:
+            import json as _json
+
+            print(_json.dumps(cfg.to_dict(), indent=2))
+            return 0
+        run_training(cfg)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .train.plot import plot_run
+
+    try:
+        paths = plot_run(args.run_dir, args.out)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print("wrote " + ", ".join(paths))
     return 0
 
 
@@ -122,6 +153,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .models.bench import bench_decode, bench_prefill, random_packed_model
 
     device = _device(args.device)
+    if args.train:
+        from .train.bench import bench_train_step
+
+        r = bench_train_step(
+            args.config, device, batch=args.train_batch, seq_len=args.train_seq, steps=args.train_steps,
+            compile=args.compile, dtype=_DTYPES[args.dtype] if args.dtype else None,
+        )  # fmt: skip
+        print(
+            f"{args.config} training step on {device} ({r['dtype']}, {'compiled' if args.compile else 'eager'}), "
+            f"batch {args.train_batch} x {args.train_seq}: {r['tokens_per_s']:,.0f} tokens/s"
+            + (f", peak memory {r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] is not None else "")
+        )
+        return 0
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = random_packed_model(args.config, device, dtype)
     from .models import model_memory_bytes
@@ -134,6 +178,34 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.prefill:
         tps = bench_prefill(model, 1, args.prefill)
         print(f"  prefill {args.prefill} tokens: {tps:10.1f} tok/s")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import evaluate_checkpoint
+
+    try:
+        with open(args.text, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise SystemExit(f"error: --text {args.text}: {exc.strerror}") from exc
+    try:
+        report = evaluate_checkpoint(
+            args.model,
+            text,
+            window=args.window,
+            stride=args.stride if args.stride is not None else max(1, args.window // 2),
+            device=_device(args.device),
+            dtype=_DTYPES[args.dtype] if args.dtype else None,
+            max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    print("\n".join(report.lines()))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(report.to_dict(), fh, indent=2)
     return 0
 
 
@@ -153,6 +225,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     d.set_defaults(func=_cmd_demo)
+
+    from .train.config import add_config_flags
+
+    t = sub.add_parser(
+        "train",
+        help="train on local data (torchrun --nproc_per_node=N -m mmfree_ext train CONFIG, or one process)",
+        description="Train an MMfreeLM: FSDP2 over torchrun ranks (or one plain process), local text/jsonl/"
+        "parquet data packed into rows with document boundaries, sharded checkpoints with exact resume. "
+        "Settings come from the TOML file CONFIG (sections [model] [data] [train] [optim] [checkpoint] [log]) "
+        "and the --section.key flags, which override it.",
+    )
+    t.add_argument("config", nargs="?", default=None, help="TOML config file (optional: flags alone also work)")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    add_config_flags(t)
+    t.set_defaults(func=_cmd_train)
+
+    pl = sub.add_parser("plot", help="write loss.png and throughput.png of a training run folder")
+    pl.add_argument("run_dir", help="the out_dir of an `mmfree train` run (holds metrics.jsonl)")
+    pl.add_argument("--out", default=None, help="folder for the PNGs (default: RUN_DIR)")
+    pl.set_defaults(func=_cmd_plot)
 
     g = sub.add_parser("generate", help="generate text from a local checkpoint folder")
     g.add_argument("--model", required=True, help="local folder with config.json and weights")
@@ -183,7 +275,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokens", type=int, default=64, help="decode steps timed per batch size")
     b.add_argument("--prefill", type=int, default=0, help="also time a prefill of this many tokens")
     b.add_argument("--decode-mode", default="auto", choices=["auto", "eager", "cuda_graph", "compile"])
+    b.add_argument("--train", action="store_true", help="time the training step (the one `mmfree train` runs)")
+    b.add_argument("--train-batch", type=int, default=4, help="--train: rows per step (default 4)")
+    b.add_argument("--train-seq", type=int, default=2048, help="--train: tokens per row (default 2048)")
+    b.add_argument("--train-steps", type=int, default=10, help="--train: timed steps after 3 warm-up steps")
+    b.add_argument("--compile", action="store_true", help="--train: torch.compile the loss (fullgraph)")
     b.set_defaults(func=_cmd_bench)
+
+    e = sub.add_parser("eval", help="perplexity of a checkpoint on a text file (sliding window), latent vs packed")
+    e.add_argument("--model", required=True, help="local folder with config.json and weights")
+    e.add_argument("--text", required=True, help="UTF-8 text file to score")
+    e.add_argument("--window", type=int, default=1024, help="tokens per window (default 1024)")
+    e.add_argument("--stride", type=int, default=None, help="tokens between window starts (default window/2)")
+    e.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    e.add_argument("--batch-size", type=int, default=1, help="windows per forward (default 1; same result)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="compute dtype (default: as stored)")
+    e.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    e.set_defaults(func=_cmd_eval)
 
     i = sub.add_parser("info", help="print build_info() and cpu_features()")
     i.set_defaults(func=_cmd_info)

@@ -9,6 +9,7 @@ weights, and print tokens/s and model memory for both.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from ._corpus import stdlib_docstrings
 from ._native import cuda_available
 from .models import ByteTokenizer, MMfreeLMConfig, MMfreeLMForCausalLM, generate, model_memory_bytes
 from .reference import ReferenceMMfreeLM
-from .training import train_for
+from .train import TrainConfig, run_training
 
 __all__ = ["DemoSettings", "run_demo"]
 
@@ -66,6 +67,22 @@ def _reference_decode_tps(ref: ReferenceMMfreeLM, prompt: list[int], n_tokens: i
     return n_tokens / (time.perf_counter() - t0)
 
 
+def demo_train_config(s: DemoSettings, sizes: dict[str, int], device: torch.device, run_dir: str) -> TrainConfig:
+    """The demo as a preset of ``mmfree train``: the docstring corpus as bytes, one plain fp32
+    process, time-boxed (the cosine is stretched over the steps that fit), no checkpoints."""
+    cfg = TrainConfig()
+    cfg.model.size = "tiny"
+    cfg.model.hidden_size, cfg.model.num_layers, cfg.model.init_seed = sizes["hidden_size"], sizes["num_layers"], s.seed
+    cfg.data.source, cfg.data.tokenizer, cfg.data.seq_len = "stdlib", "bytes", sizes["seq_len"]
+    t = cfg.train
+    t.out_dir, t.steps, t.max_seconds, t.global_batch = run_dir, 0, s.seconds, sizes["batch_size"]
+    t.seed, t.device, t.precision, t.fsdp = s.seed, device.type, "fp32", "off"
+    cfg.optim.lr, cfg.optim.warmup_steps = s.lr, 10
+    cfg.checkpoint.at_end, cfg.checkpoint.resume = False, "none"
+    cfg.log.summary = False
+    return cfg
+
+
 def run_demo(s: DemoSettings, log=print) -> dict:
     """Run the demo; returns the numbers it printed (for tests and the CLI)."""
     if s.device == "auto":
@@ -83,8 +100,7 @@ def run_demo(s: DemoSettings, log=print) -> dict:
     log("mmfree-ext demo: a byte-level MatMul-free LM trained on standard-library docstrings")
     t0 = time.perf_counter()
     text = stdlib_docstrings()
-    data = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
-    log(f"corpus: {len(data):,} bytes of docstrings ({time.perf_counter() - t0:.1f}s to collect)")
+    log(f"corpus: {len(text.encode('utf-8')):,} bytes of docstrings ({time.perf_counter() - t0:.1f}s to collect)")
 
     cfg = MMfreeLMConfig(
         vocab_size=tok.vocab_size,
@@ -93,23 +109,16 @@ def run_demo(s: DemoSettings, log=print) -> dict:
         bos_token_id=tok.BOS,
         eos_token_id=tok.EOS,
     )
-    model = MMfreeLMForCausalLM(cfg, init_seed=s.seed).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in MMfreeLMForCausalLM(cfg, init_seed=None).parameters())
     log(
         f"model: h={cfg.hidden_size} L={cfg.num_hidden_layers} I={cfg.intermediate_size} vocab={cfg.vocab_size} "
         f"({n_params / 1e6:.2f}M params) on {device}, torch threads {torch.get_num_threads()}"
     )
     log(f"training for {s.seconds:.0f}s: batch {sizes['batch_size']} x {sizes['seq_len']} bytes, AdamW lr {s.lr}")
-    res = train_for(
-        model,
-        data,
-        seconds=s.seconds,
-        batch_size=sizes["batch_size"],
-        seq_len=sizes["seq_len"],
-        lr=s.lr,
-        seed=s.seed,
-        log=log,
-    )
+    with tempfile.TemporaryDirectory(prefix="mmfree-demo-") as run_dir:
+        res = run_training(demo_train_config(s, sizes, device, run_dir), log=log)
+    model = res.model
+    assert model is not None
     first, last = res.smoothed()
     log(
         f"trained {res.steps} steps ({res.tokens / res.seconds:,.0f} tokens/s): "

@@ -60,9 +60,11 @@ def mlgru_scan(
     lower_bound: Tensor | None,
     h0: Tensor | None,
     mask: Tensor | None,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """MLGRU recurrence (returns ``h [B, T, D]`` and the fp32 state ``h_last [B, D]``)."""
-    return mm.mlgru_scan(i, f, lower_bound, h0, mask)
+    """MLGRU recurrence (returns ``h [B, T, D]`` and the fp32 state ``h_last [B, D]``; with
+    ``cu_seqlens``, B == 1 and the state restarts at every offset, ``h_last [S, D]``)."""
+    return mm.mlgru_scan(i, f, lower_bound, h0, mask, cu_seqlens)
 
 
 # ----------------------------------------------------------------------------------------

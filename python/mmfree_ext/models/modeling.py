@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .. import nn as mnn
@@ -65,7 +66,12 @@ class MLGRU(nn.Module):
         self.register_buffer("ifg_norm", stacked.detach().contiguous(), persistent=False)
 
     def forward(
-        self, a: Tensor, lower_bound: Tensor | None, h0: Tensor | None, mask: Tensor | None
+        self,
+        a: Tensor,
+        lower_bound: Tensor | None,
+        h0: Tensor | None,
+        mask: Tensor | None,
+        cu_seqlens: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         eps = self.eps
         if _is_packed(self.i_proj):
@@ -76,15 +82,30 @@ class MLGRU(nn.Module):
             i, f, g = L.ternary_matmul_grouped(
                 x_q, x_scale, [p.packed for p in projs], [p.w_scale for p in projs], a.dtype
             ).unbind(0)
-            h, h_last = L.mlgru_scan(i, f, lower_bound, h0, mask)
+            h, h_last = _scan(i, f, lower_bound, h0, mask, cu_seqlens)
             o_q, o_scale = L.swish_gate_quant(g, h, self.g_norm.weight, eps, self.o_proj.norm.weight, eps)
             return L.ternary_matmul(o_q, o_scale, self.o_proj.packed, self.o_proj.w_scale, a.dtype), h_last
         i = L.bit_linear_train(a, self.i_proj.weight, self.i_proj.norm.weight, eps)
         f = L.bit_linear_train(a, self.f_proj.weight, self.f_proj.norm.weight, eps)
         g = L.bit_linear_train(a, self.g_proj.weight, self.g_proj.norm.weight, eps)
-        h, h_last = L.mlgru_scan(i, f, lower_bound, h0, mask)
+        h, h_last = _scan(i, f, lower_bound, h0, mask, cu_seqlens)
         o = L.swish_gate_train(g, h, self.g_norm.weight, eps)
         return L.bit_linear_train(o, self.o_proj.weight, self.o_proj.norm.weight, eps), h_last
+
+
+def _scan(
+    i: Tensor, f: Tensor, lower_bound: Tensor | None, h0: Tensor | None, mask: Tensor | None, cu_seqlens: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The MLGRU scan over ``[B, T, D]``; with ``cu_seqlens`` the B rows are flattened into one
+    packed row of B*T tokens (the scan's varlen form needs B == 1) and the state restarts at
+    every offset, so ``cu_seqlens`` must contain every row start ``b * T``."""
+    if cu_seqlens is None:
+        return L.mlgru_scan(i, f, lower_bound, h0, mask)
+    if mask is not None:
+        raise ValueError("attention_mask and cu_seqlens cannot be combined (cu_seqlens marks packed documents)")
+    b, t, d = i.shape
+    h, h_last = L.mlgru_scan(i.reshape(1, b * t, d), f.reshape(1, b * t, d), lower_bound, h0, None, cu_seqlens)
+    return h.view(b, t, d), h_last
 
 
 class GLU(nn.Module):
@@ -121,12 +142,38 @@ class Block(nn.Module):
         self.mlp_norm = mnn.RMSNorm(h, eps=eps)
         assert cfg.intermediate_size is not None
         self.mlp = GLU(h, cfg.intermediate_size, eps)
+        self.activation_checkpointing = False
 
     def forward(
-        self, x: Tensor, delta: Tensor | None, lower_bound: Tensor | None, h0: Tensor | None, mask: Tensor | None
+        self,
+        x: Tensor,
+        delta: Tensor | None,
+        lower_bound: Tensor | None,
+        h0: Tensor | None,
+        mask: Tensor | None,
+        cu_seqlens: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The residual stream is ``x + delta`` (``delta`` = the previous block's MLP output, not
-        yet added, or None): returns ``(x, delta, h_last)`` in the same form."""
+        yet added, or None): returns ``(x, delta, h_last)`` in the same form.
+
+        With :attr:`activation_checkpointing` set (training), the block's activations are not
+        kept for the backward but recomputed from its inputs (non-reentrant checkpoint, inside
+        ``forward`` so that FSDP's hooks on the block stay outside it)."""
+        if self.activation_checkpointing and torch.is_grad_enabled() and not _is_packed(self.attn.i_proj):
+            return torch.utils.checkpoint.checkpoint(
+                self._forward, x, delta, lower_bound, h0, mask, cu_seqlens, use_reentrant=False
+            )
+        return self._forward(x, delta, lower_bound, h0, mask, cu_seqlens)
+
+    def _forward(
+        self,
+        x: Tensor,
+        delta: Tensor | None,
+        lower_bound: Tensor | None,
+        h0: Tensor | None,
+        mask: Tensor | None,
+        cu_seqlens: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         eps = self.eps
         if _is_packed(self.attn.i_proj):
             # Residual adds are fused into the following RMSNorm: (norm(x + d), x + d).
@@ -134,12 +181,13 @@ class Block(nn.Module):
                 a, _ = L.rms_norm(x, self.attn_norm.weight, eps)
             else:
                 a, x = L.rms_norm(delta, self.attn_norm.weight, eps, residual=x)
-            attn_out, h_last = self.attn(a, lower_bound, h0, mask)
+            attn_out, h_last = self.attn(a, lower_bound, h0, mask, cu_seqlens)
             m, x = L.rms_norm(attn_out, self.mlp_norm.weight, eps, residual=x)
             return x, self.mlp(m), h_last
         if delta is not None:
             x = x + delta
-        attn_out, h_last = self.attn(L.rms_norm_train(x, self.attn_norm.weight, eps), lower_bound, h0, mask)
+        a = L.rms_norm_train(x, self.attn_norm.weight, eps)
+        attn_out, h_last = self.attn(a, lower_bound, h0, mask, cu_seqlens)
         x = x + attn_out
         m = L.rms_norm_train(x, self.mlp_norm.weight, eps)
         return x, self.mlp(m), h_last
@@ -161,7 +209,10 @@ class MMfreeLMForCausalLM(nn.Module):
     tokens through every layer starting from ``state`` (fp32 ``[L, B, h]`` or a list of ``[B, h]``;
     None = zeros) and returns :class:`MMfreeLMOutput`. ``attention_mask`` ``[B, T]`` marks real
     tokens with 1: padded positions add nothing to the recurrent state, so left-padded batches
-    give each sequence the result it gets alone. Compute runs in the embedding dtype.
+    give each sequence the result it gets alone. ``cu_seqlens`` (int32/int64 ``[S+1]``, offsets
+    into the B*T tokens read row after row, containing every row start ``b*T``) marks packed
+    documents: the recurrent state restarts at every offset (training on packed rows); the
+    returned state is then ``[L, S, h]``, one per document. Compute runs in the embedding dtype.
     """
 
     def __init__(self, config: MMfreeLMConfig | dict[str, Any], *, init_seed: int | None = 0) -> None:
@@ -226,6 +277,7 @@ class MMfreeLMForCausalLM(nn.Module):
     def refresh_fused_weights(self) -> None:
         """Re-derive the packed path's constants from the weights (done by pack() and loading):
         the stacked i/f/g norm weights and the per-layer lower bounds."""
+        self.__dict__.pop("_decode_weights", None)  # decode_plan's gathered copies are stale now
         if not self.is_packed:
             return
         for layer in self.model.layers:
@@ -249,6 +301,7 @@ class MMfreeLMForCausalLM(nn.Module):
         if self.layer_lb is not None:
             keep.append((self, "layer_lb"))
         saved = [(m, name, m._buffers[name]) for m, name in keep]
+        self.__dict__.pop("_decode_weights", None)  # moved or cast: gather again on next use
         super()._apply(fn, recurse)
         for m, name, before in saved:
             after = m._buffers[name]
@@ -272,6 +325,7 @@ class MMfreeLMForCausalLM(nn.Module):
         state: Tensor | Sequence[Tensor | None] | None = None,
         attention_mask: Tensor | None = None,
         logits_to_keep: int = 0,
+        cu_seqlens: Tensor | None = None,
     ) -> MMfreeLMOutput:
         cfg = self.config
         n_layers = cfg.num_hidden_layers
@@ -285,7 +339,7 @@ class MMfreeLMForCausalLM(nn.Module):
         for idx, layer in enumerate(self.model.layers):
             h0 = state[idx] if state is not None else None
             # Layer 0 takes no lower bound (its row of lb is exactly 0).
-            x, delta, h_last = layer(x, delta, lb[idx] if idx > 0 else None, h0, attention_mask)
+            x, delta, h_last = layer(x, delta, lb[idx] if idx > 0 else None, h0, attention_mask, cu_seqlens)
             new_state.append(h_last)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]

@@ -5,6 +5,7 @@ native schemas and CPU/CUDA kernels are registered by importing mmfree_ext._C.
 """
 
 from .. import _native  # noqa: F401  (registers the native schemas before the fakes below)
+from .decode import decode_step
 from .mlgru import mlgru_scan
 from .norm import (
     rms_norm,
@@ -23,6 +24,7 @@ from .ternary import (
 )
 
 __all__ = [
+    "decode_step",
     "mlgru_scan",
     "quantize_ternary",
     "rms_norm",

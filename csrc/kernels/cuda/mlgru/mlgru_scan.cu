@@ -21,11 +21,14 @@
 #include <cstring>
 
 #include "cuda/common.cuh"
+#include "cuda/mlgru/mlgru_gate.cuh"
 #include "mlgru.h"
 
 namespace mmfree {
 namespace cuda {
 namespace {
+
+using namespace mlgru;
 
 constexpr int kThreads = 256;
 constexpr int kMaxTimeLanes = 128;
@@ -58,30 +61,6 @@ __device__ __forceinline__ Range seq_range(const MlgruSeqs& q, int64_t s) {
 // floor(begin/tile) + s + j is unique over all (s, j) (see mlgru_bwd_workspace_floats).
 __device__ __forceinline__ int64_t checkpoint_slot(int64_t begin, int64_t s, int64_t j, int64_t tile) {
   return begin / tile + s + j;
-}
-
-// exp and reciprocal: for 16-bit inputs the hardware approximations (__expf: ~2 ulp plus
-// |x|*2^-22 relative from the argument scaling; __fdividef: 2 ulp), far below the output's
-// rounding; for fp32 inputs the accurate expf and IEEE division, which the doubled bytes per
-// element pay for.
-template <bool kFast>
-__device__ __forceinline__ float exp_(float x) {
-  return kFast ? __expf(x) : expf(x);
-}
-template <bool kFast>
-__device__ __forceinline__ float recip_1p(float e) {
-  return kFast ? __fdividef(1.0f, 1.0f + e) : 1.0f / (1.0f + e);
-}
-
-// sigmoid(y) and 1 - sigmoid(y) = exp(-y) sigmoid(y) without cancellation. The exponent is
-// capped at 88 (finite, so 0 * inf never appears); NaN passes through the comparison.
-template <bool kFast>
-__device__ __forceinline__ void sigmoid2(float y, float& sg, float& one_minus_sg) {
-  float a = -y;
-  a = a > 88.0f ? 88.0f : a;
-  const float e = exp_<kFast>(a);
-  sg = recip_1p<kFast>(e);
-  one_minus_sg = e * sg;
 }
 
 template <class T, int V>
@@ -202,23 +181,6 @@ __device__ __forceinline__ void block_scan(const Layout& L, float* smem, float (
 #pragma unroll
   for (int k = 0; k < V; ++k) carry[k] = x[k];
   __syncthreads();
-}
-
-// Gates of one token for V channels: f_t and c_t (c = 0 where masked or out of range).
-template <bool kFast, int V>
-__device__ __forceinline__ void gate_token(const float (&xi)[V], const float (&xf)[V], const float (&lb)[V],
-                                           const float (&omlb)[V], bool valid, bool in_range, float (&ft)[V],
-                                           float (&c)[V]) {
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    float sg, omsg, si, omsi;
-    sigmoid2<kFast>(xf[k], sg, omsg);
-    sigmoid2<kFast>(xi[k], si, omsi);
-    const float f_t = lb[k] + omlb[k] * sg;
-    const float cc = xi[k] * si * (omlb[k] * omsg);
-    ft[k] = in_range ? f_t : 1.0f;
-    c[k] = (in_range && valid) ? cc : 0.0f;
-  }
 }
 
 // Backward of one token for V channels, walking time in reverse: from dL/dh_t (gh) and the

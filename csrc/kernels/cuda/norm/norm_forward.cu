@@ -4,13 +4,10 @@
 // multiple of the vector width, 16-byte aligned buffers, and weights in x's dtype or fp32.
 // Everything else (odd K, huge K, float64) takes the generic path, which re-reads the row
 // (from L1/L2) for each pass. Both paths run the same fp32 operation sequence.
-// The quantizing ops can take one row per warp instead where the row fits (norm_warp.cuh,
-// NormVariant::kWarp, bit-identical results); the block kernels are the default because
-// they measured faster on the H100.
-#include <cstdlib>
-
+// The register path's reduction order (thread t of vec_threads(K / N) owns vectors t, t + P,
+// ...; norm_common.cuh's block_sum) is the canonical one: the fused decode step
+// (cuda/decode/decode_rows.cuh) reproduces it to stay bit-identical.
 #include "cuda/norm/norm_common.cuh"
-#include "cuda/norm/norm_warp.cuh"
 #include "norm.h"
 
 namespace mmfree {
@@ -367,65 +364,12 @@ bool use_vec(int64_t k, DType w_dtype, std::initializer_list<const void*> ptrs) 
   return true;
 }
 
-// The kernel variant for a call: MMFREE_NORM_CUDA_VARIANT (0 = warp, 1 = block; read once)
-// overrides the params' choice.
-bool use_block(NormVariant requested) {
-  static const int forced = [] {
-    const char* v = std::getenv("MMFREE_NORM_CUDA_VARIANT");
-    if (v == nullptr || *v == '\0') return -1;
-    return std::atoi(v) == static_cast<int>(NormVariant::kWarp) ? 0 : 1;
-  }();
-  return forced >= 0 ? forced == 1 : requested == NormVariant::kBlock;
-}
-
-// Slots per lane for the warp kernels, 0 where the block kernel runs.
-template <class T>
-int warp_slots_for(NormVariant v, int64_t k) {
-  if (use_block(v)) return 0;
-  return warp_slots(k / VecOf<T>::N);
-}
-
-int warp_grid_for(int64_t rows) { return grid_for((rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock); }
-
-template <class T, class TW>
-void launch_quant_warp(int slots, const T* x, const RmsNormQuantParams& p, cudaStream_t stream) {
-  const TW* w = static_cast<const TW*>(p.weights);
-  const int grid = warp_grid_for(p.rows);
-  const int threads = kWarpRowsPerBlock * 32;
-  if (slots == 8) {
-    quant_warp<T, TW, 8><<<grid, threads, 0, stream>>>(x, w, p.num_weights, p.rows, p.k, p.eps, p.x_q, p.x_scale);
-  } else if (slots == 12) {
-    quant_warp<T, TW, 12><<<grid, threads, 0, stream>>>(x, w, p.num_weights, p.rows, p.k, p.eps, p.x_q, p.x_scale);
-  } else {
-    quant_warp<T, TW, 16><<<grid, threads, 0, stream>>>(x, w, p.num_weights, p.rows, p.k, p.eps, p.x_q, p.x_scale);
-  }
-}
-
 template <class T>
 cudaError_t launch_quant(const RmsNormQuantParams& p, cudaStream_t stream) {
   const T* x = static_cast<const T*>(p.x);
   if constexpr (!std::is_same<T, double>::value) {
     if (use_vec<T>(p.k, p.w_dtype, {p.x, p.weights, p.x_q})) {
-      const int slots = warp_slots_for<T>(p.variant, p.k);
-      if (slots != 0) {
-        if (p.w_dtype == DType::kFloat32) {
-          launch_quant_warp<T, float>(slots, x, p, stream);
-        } else {
-          launch_quant_warp<T, T>(slots, x, p, stream);
-        }
-        return cudaGetLastError();
-      }
       const int threads = vec_threads(p.k / VecOf<T>::N);
-      if (!use_block(p.variant)) {
-        if (p.w_dtype == DType::kFloat32) {
-          quant_block_v2<T, float><<<grid_for(p.rows), threads, 0, stream>>>(
-              x, static_cast<const float*>(p.weights), p.num_weights, p.rows, p.k, p.eps, p.x_q, p.x_scale);
-        } else {
-          quant_block_v2<T, T><<<grid_for(p.rows), threads, 0, stream>>>(
-              x, static_cast<const T*>(p.weights), p.num_weights, p.rows, p.k, p.eps, p.x_q, p.x_scale);
-        }
-        return cudaGetLastError();
-      }
       if (p.w_dtype == DType::kFloat32) {
         quant_vec<T, float><<<grid_for(p.rows), threads, 0, stream>>>(
             x, static_cast<const float*>(p.weights), p.num_weights, p.rows, p.k, p.eps, p.x_q, p.x_scale);
@@ -465,24 +409,6 @@ cudaError_t launch_rms_norm(const RmsNormParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <class T, class TW>
-void launch_gate_quant_warp(int slots, const T* g, const T* h, const RmsNormSwishGateParams& p, cudaStream_t stream) {
-  const TW* w = static_cast<const TW*>(p.weight);
-  const TW* nw = static_cast<const TW*>(p.norm_weight);
-  const int grid = warp_grid_for(p.rows);
-  const int threads = kWarpRowsPerBlock * 32;
-  if (slots == 8) {
-    swish_gate_quant_warp<T, TW, 8><<<grid, threads, 0, stream>>>(g, h, w, p.rows, p.k, p.eps, nw, p.norm_eps, p.x_q,
-                                                                   p.x_scale);
-  } else if (slots == 12) {
-    swish_gate_quant_warp<T, TW, 12><<<grid, threads, 0, stream>>>(g, h, w, p.rows, p.k, p.eps, nw, p.norm_eps,
-                                                                    p.x_q, p.x_scale);
-  } else {
-    swish_gate_quant_warp<T, TW, 16><<<grid, threads, 0, stream>>>(g, h, w, p.rows, p.k, p.eps, nw, p.norm_eps,
-                                                                    p.x_q, p.x_scale);
-  }
-}
-
 template <class T, bool kQuant>
 cudaError_t launch_swish_gate(const RmsNormSwishGateParams& p, cudaStream_t stream) {
   const T* g = static_cast<const T*>(p.g);
@@ -491,15 +417,6 @@ cudaError_t launch_swish_gate(const RmsNormSwishGateParams& p, cudaStream_t stre
     // Both norm weights must share one type on the register path.
     const bool weights_ok = !kQuant || p.norm_w_dtype == p.w_dtype;
     if (weights_ok && use_vec<T>(p.k, p.w_dtype, {p.g, p.h, p.weight, p.y, p.norm_weight, p.x_q})) {
-      const int slots = kQuant ? warp_slots_for<T>(p.variant, p.k) : 0;
-      if (slots != 0) {
-        if (p.w_dtype == DType::kFloat32) {
-          launch_gate_quant_warp<T, float>(slots, g, h, p, stream);
-        } else {
-          launch_gate_quant_warp<T, T>(slots, g, h, p, stream);
-        }
-        return cudaGetLastError();
-      }
       const int threads = vec_threads(p.k / VecOf<T>::N);
       if (p.w_dtype == DType::kFloat32) {
         swish_gate_vec<T, float, kQuant><<<grid_for(p.rows), threads, 0, stream>>>(

@@ -21,9 +21,16 @@ constexpr int kMaxGemvGroups = 4;
 // GEMV's 32.5 (36 vs 62 us for 2560->32000; 15.7 vs 15.5 for 2560->2560; only 6912->2560
 // favours the GEMV, 27 vs 35 us), and at M = 16 it wins every shape by 1.6-5x.
 constexpr int kGemmMinRows = 8;
-// Largest M for which ternary_matmul uses GEMV v2 instead of v1 (0: v1 only). v2 measured
-// slower than v1 at every M on the H100 (e.g. M = 1, 2560->13824: 13.9 vs 11.4 us), so off.
-constexpr int kGemvV2MaxRows = 0;
+// Where ternary_matmul (TernaryGemmImpl::kAuto) takes the sm_90a wgmma GEMM instead of
+// mma.sync on sm_90 devices: M >= kSm90MinRows with N >= kSm90MinCols, or any N from
+// kSm90AllColsRows rows. Measured on the H200 (bench_ternary_cuda --gemm-sweep, v1 in
+// benchmarks/NOTES.md): wgmma wins 2560->13824 and 2560->32000 from M = 512 (67.5 vs
+// 72.3 us, 127 vs 138 us) and every shape at M = 8192 except 2560->13824 (within 2%), and
+// loses the 2560-wide shapes below M = 8192 (too few 128x256 tiles for 132 SMs: M = 2048,
+// 2560->2560 makes 160) and everything at M = 128.
+constexpr int kSm90MinRows = 512;
+constexpr int kSm90MinCols = 8192;
+constexpr int kSm90AllColsRows = 8192;
 
 // One thread per output, byte loads: the obviously-correct baseline (any alignment).
 cudaError_t launch_simple(const TernaryMatmulParams& p, cudaStream_t stream);
@@ -33,14 +40,13 @@ cudaError_t launch_gemv(const TernaryMatmulParams& p, cudaStream_t stream);
 // Decode GEMV over `groups` (1..kMaxGemvGroups) products with equal M, N, K and out_dtype,
 // in one launch; each needs `packed` 16-byte aligned.
 cudaError_t launch_gemv_grouped(const TernaryMatmulParams* ps, int groups, cudaStream_t stream);
-// Decode GEMV v2: a group of 8/16/32 lanes per output row, all of a row's 16-byte loads in
-// flight before use, activations through L1 (no shared memory, no barrier), weights decoded
-// to signed bytes. Any M (launches per 16 rows); needs `packed` 16-byte aligned
-// (cudaErrorInvalidValue otherwise).
-cudaError_t launch_gemv_v2(const TernaryMatmulParams& p, cudaStream_t stream);
 // Prefill GEMM: int8 mma.sync m16n8k32 with the decode in the smem pipeline. Any M;
 // needs `packed` 16-byte aligned.
 cudaError_t launch_gemm(const TernaryMatmulParams& p, cudaStream_t stream);
+// Prefill GEMM on Hopper: int8 wgmma, warp-specialized, persistent (gemm_sm90.cu). Only
+// built where the arch list has 90 (MMFREE_HAVE_SM90_GEMM); cudaErrorNotSupported on a
+// device other than sm_90. Any M, K and x alignment; needs `packed` 16-byte aligned.
+cudaError_t launch_gemm_sm90(const TernaryMatmulParams& p, cudaStream_t stream);
 
 }  // namespace ternary_kernels
 }  // namespace cuda

@@ -1,0 +1,191 @@
+"""The sm_90a int8 wgmma GEMM behind torch.ops.mmfree.ternary_matmul (gemm_sm90.cu), forced
+with MMFREE_TERNARY_GEMM=sm90 and checked exactly against integer references.
+
+Needs an sm_90 GPU (H100/H200) and a build whose CUDA arch list has 90; skipped elsewhere
+(module-level ``cuda`` mark plus a capability check). The grid hits every tile tail of the
+kernel: M around its 128-row tile, N around its 128/256-wide tiles, K with partial 16-byte
+chunks and partial 128-weight blocks, and x rows that are not 16-byte aligned (K = 100,
+6913: the producer's byte-load path).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmfree_ext
+from mmfree_ext import reference as ref
+
+pytestmark = pytest.mark.cuda
+
+M_GRID = [128, 129, 300, 4096, 8193]
+N_GRID = [8, 2560, 13824, 32001]
+K_GRID = [64, 100, 2560, 6913]
+OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _has_sm90_kernel() -> bool:
+    if not mmfree_ext.cuda_available() or torch.cuda.get_device_capability() != (9, 0):
+        return False
+    return any(a.startswith("90") for a in mmfree_ext.build_info()["cuda_archs"])
+
+
+@pytest.fixture(autouse=True)
+def _force_sm90(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not _has_sm90_kernel():
+        pytest.skip("needs an sm_90 GPU and a build with arch 90 (the wgmma kernel)")
+    monkeypatch.setenv("MMFREE_TERNARY_GEMM", "sm90")
+
+
+def _op(x_q, x_scale, packed, w_scale, dtype):
+    return torch.ops.mmfree.ternary_matmul(x_q, x_scale, packed, w_scale, dtype)
+
+
+def _inputs(m: int, n: int, k: int):
+    """Random int8 activations (full range, -128 included), ternary weights and their packing."""
+    x_q = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
+    w_q = torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda")
+    return x_q, w_q, ref.pack_ternary(w_q)
+
+
+def _int_acc(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """Exact accumulators: float64 products and sums are exact here (|acc| <= 128 K << 2^53)."""
+    return torch.matmul(x_q.double(), w_q.double().t()).to(torch.int64)
+
+
+def _covering_grid() -> list[tuple[int, int, int]]:
+    """Every M with every N and every K would be 80 products up to 8193 x 32001 x 6913; this
+    sample pairs every value of each axis with every value of each other axis at least once
+    (34 products, every tail combination of two axes, the largest corners included)."""
+    grid = set()
+    for i, m in enumerate(M_GRID):
+        for j, n in enumerate(N_GRID):
+            grid.add((m, n, K_GRID[(i + j) % len(K_GRID)]))
+        for q, k in enumerate(K_GRID):
+            grid.add((m, N_GRID[(i + q) % len(N_GRID)], k))
+    for j, n in enumerate(N_GRID):
+        for q, k in enumerate(K_GRID):
+            grid.add((M_GRID[(j + q) % len(M_GRID)], n, k))
+    return sorted(grid)
+
+
+_GRID = _covering_grid()
+
+
+@pytest.mark.parametrize(("m", "n", "k"), _GRID)
+def test_exact_accumulators(m: int, n: int, k: int) -> None:
+    """Scales of 1 and fp32 output: the output is float(acc), exact for |acc| < 2^24 (here
+    |acc| <= 128 * 6913)."""
+    x_q, w_q, packed = _inputs(m, n, k)
+    torch.full((m, n), float("nan"), device="cuda")  # leaves NaNs for the output to reuse
+    out = _op(x_q, torch.ones(m, device="cuda"), packed, torch.ones((), device="cuda"), torch.float32)
+    assert not out.isnan().any(), "kernel left outputs unwritten"
+    assert torch.equal(out.to(torch.int64), _int_acc(x_q, w_q))
+
+
+@pytest.mark.parametrize("dtype", OUT_DTYPES)
+@pytest.mark.parametrize(("m", "n", "k"), [(128, 2560, 2560), (300, 13824, 2560), (513, 2560, 6912), (200, 777, 300)])
+def test_scaled_matches_reference_bitwise(m: int, n: int, k: int, dtype: torch.dtype) -> None:
+    """Random scales: bit-identical to the reference's (float(acc) * x_scale) * w_scale."""
+    x_q, _, packed = _inputs(m, n, k)
+    x_scale = torch.rand(m, device="cuda") * 0.02 + 1e-3
+    w_scale = torch.rand((), device="cuda") * 0.1 + 1e-3
+    out = _op(x_q, x_scale, packed, w_scale, dtype)
+    assert out.dtype == dtype
+    assert torch.equal(out, ref.ternary_matmul(x_q, x_scale, packed, w_scale, k, out_dtype=dtype))
+
+
+def test_same_bits_as_mma_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    m, n, k = 1024, 2560, 2560
+    x_q, _, packed = _inputs(m, n, k)
+    x_scale = torch.rand(m, device="cuda") * 0.02 + 1e-3
+    w_scale = torch.full((), 0.037, device="cuda")
+    wgmma = _op(x_q, x_scale, packed, w_scale, torch.bfloat16)
+    monkeypatch.setenv("MMFREE_TERNARY_GEMM", "mma")
+    assert torch.equal(wgmma, _op(x_q, x_scale, packed, w_scale, torch.bfloat16))
+
+
+def test_extreme_values() -> None:
+    """x = -128 everywhere against all-(+1), all-(-1) and all-zero rows: |acc| = 128 K."""
+    m, k, n = 130, 6913, 258
+    x_q = torch.full((m, k), -128, dtype=torch.int8, device="cuda")
+    w_q = torch.tensor([1, -1, 0], dtype=torch.int8, device="cuda").repeat(n // 3).view(n, 1).expand(n, k)
+    packed = ref.pack_ternary(w_q.contiguous())
+    out = _op(x_q, torch.ones(m, device="cuda"), packed, torch.ones((), device="cuda"), torch.float32)
+    assert torch.equal(out.to(torch.int64), _int_acc(x_q, w_q))
+
+
+def test_misaligned_activations() -> None:
+    """x_q starting one byte off 16-byte alignment (K a multiple of 16): the byte-load path."""
+    m, k, n = 200, 256, 300
+    x_q, w_q, packed = _inputs(m, n, k)
+    buf = torch.empty(m * k + 1, dtype=torch.int8, device="cuda")
+    x_off = buf[1:].view(m, k)
+    x_off.copy_(x_q)
+    out = _op(x_off, torch.ones(m, device="cuda"), packed, torch.ones((), device="cuda"), torch.float32)
+    assert torch.equal(out.to(torch.int64), _int_acc(x_q, w_q))
+
+
+def test_grouped_large_m() -> None:
+    """The grouped op at prefill sizes runs each group on the wgmma kernel."""
+    g, m, n, k = 3, 256, 640, 2560
+    x_q = torch.randint(-128, 128, (g, m, k), dtype=torch.int8, device="cuda")
+    x_scale = torch.rand(g, m, device="cuda") * 0.02 + 1e-3
+    ws = [torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda") for _ in range(g)]
+    packed = [ref.pack_ternary(w) for w in ws]
+    w_scale = [torch.full((), 0.01 * (i + 1), device="cuda") for i in range(g)]
+    out = torch.ops.mmfree.ternary_matmul_grouped(x_q, x_scale, packed, w_scale, torch.bfloat16)
+    for i in range(g):
+        want = ref.ternary_matmul(x_q[i], x_scale[i], packed[i], w_scale[i], k, out_dtype=torch.bfloat16)
+        assert torch.equal(out[i], want)
+
+
+def test_cuda_graph_capture() -> None:
+    m, n, k = 512, 2560, 2560
+    x_q, _, packed = _inputs(m, n, k)
+    x_scale = torch.rand(m, device="cuda") * 0.02 + 1e-3
+    w_scale = torch.full((), 0.05, device="cuda")
+    static_x = x_q.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the capture (first-launch attribute setup)
+        _op(static_x, x_scale, packed, w_scale, torch.bfloat16)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = _op(static_x, x_scale, packed, w_scale, torch.bfloat16)
+    for _ in range(2):
+        new_x = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = ref.ternary_matmul(new_x, x_scale, packed, w_scale, k, out_dtype=torch.bfloat16)
+        assert torch.equal(static_out, want)
+
+
+def test_torch_compile_fullgraph() -> None:
+    torch._dynamo.reset()
+
+    def f(x_q, x_scale, packed, w_scale):
+        return torch.relu(_op(x_q, x_scale, packed, w_scale, torch.float32)) * 2.0
+
+    compiled = torch.compile(f, fullgraph=True)
+    for m in (256, 300):
+        x_q, _, packed = _inputs(m, 512, 640)
+        x_scale = torch.rand(m, device="cuda") + 0.01
+        w_scale = torch.full((), 0.3, device="cuda")
+        assert torch.equal(compiled(x_q, x_scale, packed, w_scale), f(x_q, x_scale, packed, w_scale))
+
+
+def test_opcheck() -> None:
+    m = 300
+    x_q, _, packed = _inputs(m, 264, 200)
+    args = (x_q, torch.rand(m, device="cuda"), packed, torch.ones((), device="cuda"), torch.bfloat16)
+    torch.library.opcheck(torch.ops.mmfree.ternary_matmul, args)
+
+
+def test_bad_impl_name_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMFREE_TERNARY_GEMM", "wgmma")
+    x_q, _, packed = _inputs(128, 16, 64)
+    with pytest.raises(RuntimeError, match="MMFREE_TERNARY_GEMM must be"):
+        _op(x_q, torch.ones(128, device="cuda"), packed, torch.ones((), device="cuda"), torch.float32)
