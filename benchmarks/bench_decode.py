@@ -2,8 +2,9 @@
 
 For each size (random weights, bf16, packed) and batch: tokens/s of ``generate()`` (greedy;
 the per-token cost is the difference of a long and a short run, so prefill, graph capture and
-setup cancel), the GPU time of one fused ``mmfree::decode_step`` (CUDA events over replays of
-a captured step) and per layer, the op-by-op packed forward in the same run as the baseline,
+setup cancel; ``MMFREE_DECODE_CUDA`` as set, default auto), the GPU time of one
+``mmfree::decode_step`` on its fused path (``MMFREE_DECODE_CUDA=fused``; CUDA events over
+replays of a captured step) and per layer, the op-by-op packed forward in the same run as the baseline,
 and the bandwidth floor: bytes every step must read (packed weights + norm vectors; one
 embedding row per token is negligible) / 4.25 TB/s (H200 HBM3e peak).
 
@@ -14,7 +15,9 @@ embedding row per token is negligible) / 4.25 TB/s (H200 HBM3e peak).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import time
 
 import torch
@@ -38,6 +41,20 @@ def _generate_seconds(model, prompts: list[list[int]], new_tokens: int) -> float
     generate(model, prompts, new_tokens, decode_mode="auto")
     torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _decode_path(path: str):
+    """Force the CUDA decode_step's path (fused / ops) for the calls inside."""
+    old = os.environ.get("MMFREE_DECODE_CUDA")
+    os.environ["MMFREE_DECODE_CUDA"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MMFREE_DECODE_CUDA"]
+        else:
+            os.environ["MMFREE_DECODE_CUDA"] = old
 
 
 @torch.no_grad()
@@ -75,7 +92,8 @@ def measure(model, size: str, batch: int, short: int, long: int) -> dict:
     per_token_s = (t_long - t_short) / (long - short)
     tokens = torch.randint(0, cfg.vocab_size, (batch,), device="cuda")
     state = torch.zeros(cfg.num_hidden_layers, batch, cfg.hidden_size, device="cuda")
-    fused_us = _graph_us(lambda: w.step(tokens, state))
+    with _decode_path("fused"):  # the path is chosen at capture time
+        fused_us = _graph_us(lambda: w.step(tokens, state))
     # The op-by-op packed forward (what the fused op must equal): ~13 kernels per layer.
     composite_us = _graph_us(lambda: model(tokens.view(-1, 1), state), reps=10)
     nbytes = step_bytes(model)

@@ -22,11 +22,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ggml_tq2  # llama.cpp's TQ2_0 through ggml-python (optional baseline)
 import mmfree_ext
+from bench_cpu import llc_bytes
 from common import Case, Row, bench, print_table, save_json
 from mmfree_ext import reference as ref
 
-COLD_BYTES = 96 << 20  # more than the L3 of the CPUs we time on
+COLD_BYTES = 2 * llc_bytes()  # twice this CPU's last-level cache (sysfs): every call streams from DRAM
 
 
 def _packed_copies(n: int, k: int, device: str, min_bytes: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -70,6 +72,23 @@ def matmul_cases(m: int, k: int, n: int, device: str, baselines: list[torch.dtyp
                 bytes=nbytes,
                 flops=2.0 * m * n * k,
                 extra={"weight_bytes": wbytes},
+            )
+        )
+    if device == "cpu" and ggml_tq2.available() and k % 256 == 0:
+        # Same weights in TQ2_0, as many copies as ours span, rotated the same way.
+        w = torch.ops.mmfree.unpack_ternary(packed_list[0], k).float().numpy()
+        copies = len(packed_list)
+        tq2 = ggml_tq2.TQ2Matmul(w, x.numpy(), copies=copies, threads=torch.get_num_threads())
+        cases.append(
+            Case(
+                "ternary_matmul",
+                shape,
+                ours,
+                baseline=tq2,
+                baseline_name="ggml TQ2_0",
+                bytes=nbytes,
+                flops=2.0 * m * n * k,
+                extra={"weight_bytes": wbytes, "ggml_weight_bytes": tq2.weight_bytes},
             )
         )
     return cases

@@ -1,5 +1,6 @@
 # Per-file instruction-set flags for the CPU kernels. A source named *_avx2.cpp is
-# compiled for AVX2+FMA+F16C, *_avx512.cpp for AVX-512 (F/BW/VL/DQ/VNNI/BF16); everything
+# compiled for AVX2+FMA+F16C, *_avx512.cpp for AVX-512 (F/BW/VL/DQ/VNNI/BF16), *_amx.cpp for
+# AVX-512 + AMX-TILE/INT8/BF16 (entered only after the run-time check and the Linux permission); everything
 # else for the baseline ISA. The kernels pick a path at run time (cpu_features), so the
 # library runs on any x86-64 CPU and the fast paths are only entered where supported.
 # Sets MMFREE_CPU_ISAS (the list compiled) and the function mmfree_apply_isa_flags().
@@ -11,6 +12,8 @@ set(MMFREE_AVX512_FLAGS -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni 
 set(MMFREE_CPU_ISAS scalar)
 set(MMFREE_HAVE_AVX2 OFF)
 set(MMFREE_HAVE_AVX512 OFF)
+set(MMFREE_HAVE_AMX OFF)
+set(MMFREE_AMX_FLAGS ${MMFREE_AVX512_FLAGS} -mamx-tile -mamx-int8 -mamx-bf16)
 if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
   check_cxx_compiler_flag("-mavx2 -mfma -mf16c" MMFREE_COMPILER_AVX2)
   check_cxx_compiler_flag("-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni -mavx512bf16" MMFREE_COMPILER_AVX512)
@@ -21,6 +24,10 @@ if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
   if(MMFREE_COMPILER_AVX512)
     set(MMFREE_HAVE_AVX512 ON)
     list(APPEND MMFREE_CPU_ISAS avx512)
+    check_cxx_compiler_flag("-mamx-tile -mamx-int8 -mamx-bf16" MMFREE_COMPILER_AMX)
+    if(MMFREE_COMPILER_AMX)
+      set(MMFREE_HAVE_AMX ON)
+    endif()
   endif()
 endif()
 
@@ -28,7 +35,12 @@ endif()
 function(mmfree_apply_isa_flags out_var)
   set(kept "")
   foreach(src ${ARGN})
-    if(src MATCHES "_avx512\\.cpp$")
+    if(src MATCHES "_amx\\.cpp$")
+      if(MMFREE_HAVE_AMX)
+        set_source_files_properties(${src} PROPERTIES COMPILE_OPTIONS "${MMFREE_AMX_FLAGS}")
+        list(APPEND kept ${src})
+      endif()
+    elseif(src MATCHES "_avx512\\.cpp$")
       if(MMFREE_HAVE_AVX512)
         set_source_files_properties(${src} PROPERTIES COMPILE_OPTIONS "${MMFREE_AVX512_FLAGS}")
         list(APPEND kept ${src})

@@ -26,3 +26,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the fuzz tests' case counts per op and device (tests/_fuzz.py), if any ran."""
+    import sys
+
+    fuzz = sys.modules.get("_fuzz")
+    if fuzz is None or not fuzz.CASES:
+        return
+    terminalreporter.section(f"fuzz cases run (profile {fuzz.PROFILE})")
+    for (op, device), n in sorted(fuzz.CASES.items()):
+        terminalreporter.write_line(f"{op:34s} {device:5s} {n:6d}")

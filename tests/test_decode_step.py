@@ -1,7 +1,11 @@
 """mmfree::decode_step (the whole T=1 step of the packed model as one op) against the model's
-op-by-op packed path: the logits and the new state must be bit-identical on each device."""
+op-by-op packed path: the logits and the new state must be bit-identical on each device, and
+on CUDA on both of its paths (MMFREE_DECODE_CUDA=fused: the persistent kernel; =ops: the
+step op by op)."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -9,6 +13,16 @@ import torch
 from conftest import DEVICES
 from mmfree_ext.models import MMfreeLMForCausalLM
 from mmfree_ext.models.decode_plan import DecodeWeights, decode_weights
+
+#: (device, MMFREE_DECODE_CUDA) pairs the bitwise tests run on: CPU has one path.
+DEVICE_PATHS = [
+    pytest.param("cpu", None, id="cpu"),
+    pytest.param("cuda", "fused", marks=pytest.mark.cuda, id="cuda-fused"),
+    pytest.param("cuda", "ops", marks=pytest.mark.cuda, id="cuda-ops"),
+]
+
+#: The CUDA paths, for the CUDA-only bitwise tests.
+CUDA_PATHS = ["fused", "ops"]
 
 # h = 96 and I = 200 are not multiples of the 128-weight pack block.
 TINY = {
@@ -55,44 +69,69 @@ def _check_steps(model: MMfreeLMForCausalLM, batch: int, steps: int = 3, seed: i
             assert torch.equal(fused_state, state), "decode_step state differs from the op-by-op path"
 
 
-@pytest.mark.parametrize("device", DEVICES)
+def _use_path(monkeypatch: pytest.MonkeyPatch, path: str | None) -> None:
+    """Force the CUDA implementation's path (None: leave the environment as it is)."""
+    if path is not None:
+        monkeypatch.setenv("MMFREE_DECODE_CUDA", path)
+
+
+@pytest.mark.parametrize(("device", "path"), DEVICE_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3, 8])
-def test_decode_step_matches_op_by_op(device: str, dtype: torch.dtype, batch: int) -> None:
+def test_decode_step_matches_op_by_op(
+    monkeypatch: pytest.MonkeyPatch, device: str, path: str | None, dtype: torch.dtype, batch: int
+) -> None:
+    _use_path(monkeypatch, path)
     _check_steps(_packed_model(device, dtype), batch)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_decode_step_odd_hidden(device: str) -> None:
+@pytest.mark.parametrize(("device", "path"), DEVICE_PATHS)
+def test_decode_step_odd_hidden(monkeypatch: pytest.MonkeyPatch, device: str, path: str | None) -> None:
+    _use_path(monkeypatch, path)
     model = _packed_model(device, torch.bfloat16, hidden_size=200, intermediate_size=520, num_hidden_layers=2)
     _check_steps(model, 3)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize(("hidden", "inter"), [(2048, 5632), (2560, 6912)])
-@pytest.mark.parametrize("batch", [1, 3, 8, 64])
-def test_decode_step_real_shapes_cuda(hidden: int, inter: int, batch: int) -> None:
-    model = _packed_model(
+@functools.cache
+def _real_shape_model(hidden: int, inter: int) -> MMfreeLMForCausalLM:
+    """Two layers of a real size, built once for every batch and path (building dominates)."""
+    return _packed_model(
         "cuda", torch.bfloat16, vocab_size=32000, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2
     )
-    _check_steps(model, batch, steps=2)
 
 
 @pytest.mark.cuda
-def test_decode_step_float16_cuda() -> None:
+@pytest.mark.parametrize("path", CUDA_PATHS)
+@pytest.mark.parametrize(("hidden", "inter"), [(2048, 5632), (2560, 6912)])
+@pytest.mark.parametrize("batch", [1, 3, 8, 64])
+def test_decode_step_real_shapes_cuda(
+    monkeypatch: pytest.MonkeyPatch, path: str, hidden: int, inter: int, batch: int
+) -> None:
+    _use_path(monkeypatch, path)
+    _check_steps(_real_shape_model(hidden, inter), batch, steps=2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", CUDA_PATHS)
+def test_decode_step_float16_cuda(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    _use_path(monkeypatch, path)
     _check_steps(_packed_model("cuda", torch.float16), 3)
 
 
 @pytest.mark.cuda
-def test_decode_step_fallback_shapes_cuda() -> None:
+@pytest.mark.parametrize("path", CUDA_PATHS)
+def test_decode_step_fallback_shapes_cuda(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
     """h and I that are not multiples of 8 bf16 elements, a batch over one launch's 64 rows:
     the op-by-op fallback and the batch slicing must match the op-by-op path too."""
+    _use_path(monkeypatch, path)
     _check_steps(_packed_model("cuda", torch.bfloat16, hidden_size=100, intermediate_size=260), 3)
     _check_steps(_packed_model("cuda", torch.bfloat16), 70, steps=2)
 
 
 @pytest.mark.cuda
-def test_decode_step_cuda_graph() -> None:
+@pytest.mark.parametrize("path", CUDA_PATHS)
+def test_decode_step_cuda_graph(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    _use_path(monkeypatch, path)
     model = _packed_model("cuda", torch.bfloat16)
     weights = decode_weights(model)
     tokens = torch.randint(0, 300, (4,), device="cuda")
@@ -221,3 +260,17 @@ def test_decode_step_bad_input_cuda() -> None:
         op(tokens, state, *args[:4], bad, *args[5:])
     with pytest.raises(RuntimeError, match="'lower_bounds' must be on"):
         op(tokens, state, w.embeddings, w.lower_bounds.cpu(), *args[2:])
+
+
+@pytest.mark.cuda
+def test_decode_step_bad_path_env_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad MMFREE_DECODE_CUDA names the variable and the values it takes."""
+    model = _packed_model("cuda", torch.float32)
+    w = decode_weights(model)
+    state = torch.zeros(3, 2, 96, device="cuda")
+    tokens = torch.tensor([0, 1], device="cuda")
+    monkeypatch.setenv("MMFREE_DECODE_CUDA", "fast")
+    with pytest.raises(RuntimeError, match=r"MMFREE_DECODE_CUDA must be 'auto', 'fused' or 'ops', got 'fast'"):
+        w.step(tokens, state)
+    monkeypatch.setenv("MMFREE_DECODE_CUDA", "auto")
+    w.step(tokens, state)  # the default rule runs

@@ -19,12 +19,26 @@ from mmfree_ext import reference as ref
 from mmfree_ext.nn import BitLinear, PackedBitLinear
 
 _ISA_ORDER = ["scalar", "avx2", "avx512"]
-_BEST_ISA = mmfree_ext.cpu_features()["best_isa"]
+_FEATURES = mmfree_ext.cpu_features()
+_BEST_ISA = _FEATURES["best_isa"]
+
+
+def _path_supported(isa: str, ext: str) -> bool:
+    if _ISA_ORDER.index(isa) > _ISA_ORDER.index(_BEST_ISA):
+        return False
+    if ext == "vnni":
+        return _FEATURES["avx512_vnni"] if isa == "avx512" else _FEATURES["avx_vnni"]
+    if ext == "amx":
+        return isa == "avx512" and _FEATURES["amx_int8"]
+    return True
+
+
+# Every kernel path: ISA cap x extension cap ("none" = the vpmaddubsw bodies, "vnni" =
+# vpdpbusd, "amx" = AMX-INT8 tiles for the larger products).
+_PATHS = ["scalar:none", "avx2:none", "avx2:vnni", "avx512:none", "avx512:vnni", "avx512:amx"]
 ISAS = [
-    pytest.param(
-        isa, marks=pytest.mark.skipif(_ISA_ORDER.index(isa) > _ISA_ORDER.index(_BEST_ISA), reason="CPU lacks it")
-    )
-    for isa in _ISA_ORDER
+    pytest.param(path, marks=pytest.mark.skipif(not _path_supported(*path.split(":")), reason="CPU lacks it"))
+    for path in _PATHS
 ]
 HAS_NORM_OP = hasattr(torch.ops.mmfree, "rms_norm_quant")
 needs_norm = pytest.mark.skipif(not HAS_NORM_OP, reason="mmfree::rms_norm_quant (norm branch) is not in this build")
@@ -32,11 +46,17 @@ needs_norm = pytest.mark.skipif(not HAS_NORM_OP, reason="mmfree::rms_norm_quant 
 
 @pytest.fixture
 def isa(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Caps the CPU kernel path for one test, then restores the best one."""
-    mmfree_ext.set_cpu_isa(request.param)
-    assert mmfree_ext.cpu_isa() == request.param
+    """Caps the CPU kernel path ("isa:ext") for one test, then restores the best one."""
+    isa_name, ext = request.param.split(":")
+    mmfree_ext.set_cpu_isa(isa_name)
+    mmfree_ext.set_cpu_ext(ext)
+    assert mmfree_ext.cpu_isa() == isa_name
+    features = mmfree_ext.cpu_features()
+    if ext == "vnni":
+        assert features["use_vnni512"] if isa_name == "avx512" else features["use_vnni256"]
     yield request.param
     mmfree_ext.set_cpu_isa(_BEST_ISA)
+    mmfree_ext.set_cpu_ext("amx")
 
 
 def _random_case(m: int, k: int, n: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -121,9 +141,48 @@ def _assert_within_torch_error(ours: torch.Tensor, truth: torch.Tensor, torch_fp
     assert err <= factor * torch_err + floor, f"error {err:.3g} vs torch fp32 error {torch_err:.3g}"
 
 
+# M >= 16 takes the AMX-BF16 body on the "avx512:amx" path (odd M, N, K: padded tiles).
+_MATMUL_T_SHAPES = [(1, 3, 5), (7, 100, 300), (200, 6913, 37), (13, 2560, 600), (16, 128, 32), (161, 300, 517)]
+
+
+def _assert_matmul_t_path(isa: str, m: int) -> None:
+    """The "avx512:amx" cap must really run AMX-BF16 for M >= 16 where the CPU has it."""
+    if isa == "avx512:amx" and _FEATURES["amx_bf16"]:
+        assert mmfree_ext.cpu_features()["use_amx_bf16"]
+
+
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 3, 5), (7, 100, 300), (200, 6913, 37), (13, 2560, 600)])
+@pytest.mark.parametrize(("m", "k", "n"), _MATMUL_T_SHAPES)
+def test_matmul_t_exact_integer(isa: str, m: int, k: int, n: int) -> None:
+    """Small-integer grads and w_scale 1: every path's fp32 sum is exact, so all agree exactly."""
+    _assert_matmul_t_path(isa, m)
+    w_q = torch.randint(-1, 2, (n, k), dtype=torch.int8)
+    grad = torch.randint(-8, 9, (m, n)).float()
+    out = torch.ops.mmfree.ternary_matmul_t(grad, ref.pack_ternary(w_q), torch.tensor(1.0), k)
+    assert torch.equal(out, (grad.double() @ w_q.double()).float())
+
+
+def test_matmul_t_amx_splits_fp32_grad_exactly() -> None:
+    """Each output is one grad times +-0.5 (a signed permutation W): exact in fp32 on every
+    path, so the AMX-BF16 result must equal it bit for bit; a bf16-only grad would not."""
+    n = k = 48
+    perm = torch.randperm(k)
+    w_q = torch.zeros(n, k, dtype=torch.int8)
+    w_q[torch.arange(n), perm] = (torch.randint(0, 2, (n,)) * 2 - 1).to(torch.int8)
+    grad = (1.0 + torch.randint(0, 2**23, (32, n)).double() * 2.0**-23).float() * torch.randn(32, n).sign()
+    out = torch.ops.mmfree.ternary_matmul_t(grad, ref.pack_ternary(w_q), torch.tensor(0.5), k)
+    assert torch.equal(out, ((grad.double() @ w_q.double()) * 0.5).float())
+    grad[3, 5] = float("inf")
+    out_inf = torch.ops.mmfree.ternary_matmul_t(grad, ref.pack_ternary(w_q), torch.tensor(1.0), k)
+    truth_inf = grad.double() @ w_q.double()  # inf * (+-1) = +-inf, inf * 0 = NaN, as in fp32
+    assert out_inf[3, perm[5]].abs().item() == float("inf")
+    assert torch.equal(out_inf.isnan(), truth_inf.isnan()) and torch.equal(out_inf.isinf(), truth_inf.isinf())
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize(("m", "k", "n"), _MATMUL_T_SHAPES)
 def test_matmul_t_matches_float64(isa: str, m: int, k: int, n: int) -> None:
+    _assert_matmul_t_path(isa, m)
     w_q = torch.randint(-1, 2, (n, k), dtype=torch.int8)
     packed = ref.pack_ternary(w_q)
     w_scale = torch.tensor(0.037)
@@ -133,6 +192,13 @@ def test_matmul_t_matches_float64(isa: str, m: int, k: int, n: int) -> None:
     w_deq = w_q.float() * w_scale
     truth = grad.double() @ w_deq.double()
     _assert_within_torch_error(out, truth, grad @ w_deq)
+    # The a-priori fp32 bound of a sum of exact products: every path adds at most 3N terms
+    # (AMX: hi, mid, lo of each grad) plus one rounding of the scale, each step within
+    # u = 2^-24 relative: |err| <= gamma_(3N+2) * sum |g w| (w_scale included), float64 truth.
+    u = 2.0**-24
+    steps = 3 * n + 2
+    bound = steps * u / (1 - steps * u) * (grad.double().abs() @ w_deq.double().abs())
+    assert ((out.double() - truth).abs() <= bound + 1e-30).all()
 
 
 def test_matmul_t_bf16_grad_and_leading_dims() -> None:

@@ -7,6 +7,8 @@ import itertools
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -342,6 +344,63 @@ def test_two_ranks_match_one_and_checkpoint_loads_at_world_size_one(tmp_path):
     # a checkpoint of another model is refused with a clear message, before loading
     with pytest.raises(ValueError, match=r"was trained with \[model\]"):
         run_training(_tiny_cfg(tmp_path, "x", **{"checkpoint.resume": str(ckpt), "model.hidden_size": 128}))
+
+
+_TORCHRUN_TOML = """
+[model]
+size = "tiny"
+hidden_size = 64
+num_layers = 2
+
+[data]
+source = "synthetic"
+synthetic_tokens = 20000
+seq_len = 32
+
+[train]
+steps = 5
+global_batch = 4
+device = "cpu"
+precision = "fp32"
+threads = 1
+
+[optim]
+lr = 1e-2
+warmup_steps = 2
+
+[checkpoint]
+every = 0
+at_end = false
+export = false
+
+[log]
+every = 1
+progress = false
+"""
+
+
+def _run_cli(cmd: list[str], out_dir) -> list[float]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return [json.loads(line)["loss"] for line in open(out_dir / "metrics.jsonl")]
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    """The launcher users run: `torchrun --nproc_per_node=2 -m mmfree_ext train CONFIG` (gloo,
+    FSDP, 1 row per micro-batch) gives the loss curve of one plain process, same global batch."""
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(_TORCHRUN_TOML)
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    train = [sys.executable, "-m", "mmfree_ext", "train", str(cfg)]
+    one = _run_cli([*train, "--train.out_dir", str(one_dir)], one_dir)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = _run_cli(
+        [*torchrun, "-m", "mmfree_ext", "train", str(cfg), "--train.out_dir", str(two_dir), "--train.micro_batch", "1"],
+        two_dir,
+    )
+    assert len(one) == len(two) == 5
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=RANKS_RTOL, atol=0)
 
 
 def test_export_latent_and_packed_load_for_generation(tmp_path):

@@ -1,53 +1,22 @@
 // CUDA implementation of mmfree::decode_step (schema: ops_decode.cpp; semantics:
-// csrc/kernels/decode.h): the argument checks of python/mmfree_ext/ops/decode.py's
-// check_decode_args with the same messages, then one persistent kernel per step
+// csrc/kernels/decode.h): the argument checks of decode_checks.h (shared with the CPU
+// kernel, the messages of ops/decode.py's check_decode_args), then one persistent kernel per step
 // (csrc/kernels/cuda/decode/decode_step.cu), or, for models that kernel does not take, the
-// same step op by op.
+// same step op by op. MMFREE_DECODE_CUDA picks between the two (decode_path below).
 #if defined(MMFREE_WITH_CUDA)
 
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
-#include "bindings/checks.h"
-#include "common/ternary_format.h"
+#include "bindings/decode_checks.h"
 #include "decode_cuda.h"
 
 namespace mmfree {
 namespace binding {
 namespace {
-
-bool is_float(ScalarType s) { return s == kFloat || s == kBFloat16 || s == kHalf; }
-
-// Python-style names in the messages, as check_decode_args prints them.
-std::string dtype_name(ScalarType s) {
-  switch (s) {
-    case kFloat: return "torch.float32";
-    case kBFloat16: return "torch.bfloat16";
-    case kHalf: return "torch.float16";
-    case kDouble: return "torch.float64";
-    case kLong: return "torch.int64";
-    case kInt: return "torch.int32";
-    case kByte: return "torch.uint8";
-    default: return std::string(torch::headeronly::toString(s));
-  }
-}
-
-std::string shape_of(const Tensor& t) {
-  std::string s = "(";
-  for (int64_t i = 0; i < t.dim(); ++i) {
-    s += std::to_string(t.size(i));
-    if (t.dim() == 1 || i + 1 < t.dim()) s += ",";
-    if (i + 1 < t.dim()) s += " ";
-  }
-  return s + ")";
-}
-
-void check_on(const Tensor& t, const std::string& name, const Device& dev) {
-  MMFREE_CHECK(t.device() == dev, "mmfree: argument '", name, "' must be on ", dev, " (the device of 'embeddings'), got ",
-              t.device());
-}
 
 // The first of an op's two results (the second is released).
 template <size_t N>
@@ -119,76 +88,50 @@ Tensor op_by_op_step(const Tensor& tokens, const Tensor& state, const Tensor& em
       call_tensor_op("mmfree::ternary_matmul", "", q2, s2, packed[n_mats - 1], row(w_scales, n_mats - 1), dtype), 1, 0);
 }
 
+// Which CUDA path runs the step, from MMFREE_DECODE_CUDA: "fused" (the persistent kernel,
+// where it takes the model), "ops" (op_by_op_step), or unset / "auto" (kAutoFusedBatches).
+// Both paths are bit-identical; tests and benchmarks force each with it.
+enum class DecodePath { kAuto, kFused, kOps };
+
+DecodePath decode_path_from_env() {
+  const char* v = std::getenv("MMFREE_DECODE_CUDA");
+  const std::string path = v == nullptr ? "" : v;
+  MMFREE_CHECK(path.empty() || path == "auto" || path == "fused" || path == "ops",
+               "mmfree: MMFREE_DECODE_CUDA must be 'auto', 'fused' or 'ops', got '", path, "'");
+  if (path == "fused") return DecodePath::kFused;
+  if (path == "ops") return DecodePath::kOps;
+  return DecodePath::kAuto;
+}
+
+// The auto rule: the batch sizes [lo, hi] on which the fused kernel measured faster than
+// op by op on the H200 (benchmarks/NOTES.md, "Fused decode step"; bench_decode.py with
+// MMFREE_DECODE_CUDA=fused / ops in the same run). Change it from measurements only.
+// Measured v1 (258 grid barriers per step, single-CTA row phases): slower at every
+// batch size, so the table is empty and auto runs op by op everywhere.
+struct BatchRange {
+  int64_t lo, hi;
+};
+constexpr BatchRange kAutoFusedBatches[] = {{0, -1}};  // {0, -1}: no batch size
+
+bool auto_picks_fused(int64_t batch) {
+  for (const BatchRange& r : kAutoFusedBatches) {
+    if (batch >= r.lo && batch <= r.hi) return true;
+  }
+  return false;
+}
+
 Tensor decode_step_cuda(const Tensor& tokens, const Tensor& state, const Tensor& embeddings,
                             const Tensor& lower_bounds, const Tensor& norms_in, const Tensor& down_norms_in,
                             const std::vector<Tensor>& packed_in, const Tensor& w_scales, const Tensor& final_norms_in,
                             double eps) {
-  MMFREE_CHECK(tokens.dim() == 1 && tokens.scalar_type() == kLong, "mmfree: argument 'tokens' must be int64 [B], got ",
-              dtype_name(tokens.scalar_type()), " of shape ", shape_of(tokens));
-  MMFREE_CHECK(embeddings.dim() == 2 && is_float(embeddings.scalar_type()),
-              "mmfree: argument 'embeddings' must be a float32/bfloat16/float16 [V, h] tensor, got ",
-              dtype_name(embeddings.scalar_type()), " of shape ", shape_of(embeddings));
-  const int64_t vocab = embeddings.size(0), hidden = embeddings.size(1), batch = tokens.size(0);
-  MMFREE_CHECK(state.dim() == 3 && state.scalar_type() == kFloat && state.size(1) == batch && state.size(2) == hidden,
-              "mmfree: argument 'state' must be float32 [L, B=", batch, ", h=", hidden, "], got ",
-              dtype_name(state.scalar_type()), " of shape ", shape_of(state));
-  const int64_t layers = state.size(0);
-  MMFREE_CHECK(layers >= 1, "mmfree: argument 'state' must have at least one layer");
-  MMFREE_CHECK(state.is_contiguous(), "mmfree: argument 'state' must be contiguous");
-  MMFREE_CHECK(lower_bounds.scalar_type() == kFloat && lower_bounds.dim() == 2 && lower_bounds.size(0) == layers &&
-                  lower_bounds.size(1) == hidden,
-              "mmfree: argument 'lower_bounds' must be float32 [L=", layers, ", h=", hidden, "], got ",
-              dtype_name(lower_bounds.scalar_type()), " of shape ", shape_of(lower_bounds));
-  MMFREE_CHECK(is_float(norms_in.scalar_type()) && norms_in.dim() == 3 && norms_in.size(0) == layers &&
-                  norms_in.size(1) == kDecodeNormsPerLayer && norms_in.size(2) == hidden,
-              "mmfree: argument 'norms' must be a float [L=", layers, ", ", kDecodeNormsPerLayer, ", h=", hidden,
-              "] tensor, got ", dtype_name(norms_in.scalar_type()), " of shape ", shape_of(norms_in));
-  MMFREE_CHECK(down_norms_in.dim() == 2 && down_norms_in.size(0) == layers &&
-                  down_norms_in.scalar_type() == norms_in.scalar_type(),
-              "mmfree: argument 'down_norms' must be [L=", layers, ", I] with the dtype of 'norms' (",
-              dtype_name(norms_in.scalar_type()), "), got ", dtype_name(down_norms_in.scalar_type()), " of shape ",
-              shape_of(down_norms_in));
-  const int64_t inter = down_norms_in.size(1);
-  MMFREE_CHECK(final_norms_in.dim() == 2 && final_norms_in.size(0) == 2 && final_norms_in.size(1) == hidden &&
-                  final_norms_in.scalar_type() == norms_in.scalar_type(),
-              "mmfree: argument 'final_norms' must be [2, h=", hidden, "] with the dtype of 'norms', got ",
-              dtype_name(final_norms_in.scalar_type()), " of shape ", shape_of(final_norms_in));
-  const int64_t n_mats = kDecodeMatsPerLayer * layers + 1;
-  MMFREE_CHECK(static_cast<int64_t>(packed_in.size()) == n_mats, "mmfree: argument 'packed' must hold 6 * L + 1 = ",
-              n_mats, " tensors, got ", packed_in.size());
-  MMFREE_CHECK(w_scales.scalar_type() == kFloat && w_scales.dim() == 1 && w_scales.size(0) == n_mats,
-              "mmfree: argument 'w_scales' must be float32 [", n_mats, "], got ", dtype_name(w_scales.scalar_type()),
-              " of shape ", shape_of(w_scales));
-  for (int64_t idx = 0; idx < n_mats; ++idx) {
-    const Tensor& w = packed_in[idx];
-    const int m = static_cast<int>(idx % kDecodeMatsPerLayer);
-    int64_t n = hidden, k = hidden;
-    if (idx == n_mats - 1) {
-      n = vocab;
-    } else if (m == kMatGate) {
-      n = 2 * inter;
-    } else if (m == kMatDown) {
-      k = inter;
-    }
-    const int64_t rb = ternary::row_bytes(k);
-    MMFREE_CHECK(w.scalar_type() == kByte && w.dim() == 2 && w.size(0) == n && w.size(1) == rb, "mmfree: argument 'packed[",
-                idx, "]' must be uint8 [", n, ", ", rb, "], got ", dtype_name(w.scalar_type()), " of shape ", shape_of(w));
-  }
-  const Device dev = embeddings.device();
-  check_on(tokens, "tokens", dev);
-  check_on(state, "state", dev);
-  check_on(lower_bounds, "lower_bounds", dev);
-  check_on(norms_in, "norms", dev);
-  check_on(down_norms_in, "down_norms", dev);
-  check_on(w_scales, "w_scales", dev);
-  check_on(final_norms_in, "final_norms", dev);
-  for (int64_t idx = 0; idx < n_mats; ++idx) {
-    MMFREE_CHECK(packed_in[idx].device() == dev, "mmfree: argument 'packed[", idx, "]' must be on ", dev, ", got ",
-                packed_in[idx].device());
-  }
+  const DecodeDims d = check_decode_step_args(tokens, state, embeddings, lower_bounds, norms_in, down_norms_in,
+                                              packed_in, w_scales, final_norms_in);
+  const int64_t batch = d.batch, layers = d.layers, hidden = d.hidden, inter = d.inter, vocab = d.vocab;
+  const int64_t n_mats = static_cast<int64_t>(packed_in.size());
 
   const ScalarType act = embeddings.scalar_type();
   Tensor logits = empty({batch, vocab}, embeddings.scalar_type(), embeddings);
+  const DecodePath path = decode_path_from_env();  // a bad value raises for every batch size
   if (batch == 0) return logits;
   const CudaGuard guard(embeddings);
   // The norm kernels read weights in the activation dtype or fp32; other mixes go through
@@ -227,7 +170,8 @@ Tensor decode_step_cuda(const Tensor& tokens, const Tensor& state, const Tensor&
   p.final_norms = final_norms.data_ptr();
   p.eps = static_cast<float>(eps);
   p.logits = logits.data_ptr();
-  if (cuda::decode_step_unsupported(p) != nullptr) {
+  const bool fused = path == DecodePath::kFused || (path == DecodePath::kAuto && auto_picks_fused(batch));
+  if (!fused || cuda::decode_step_unsupported(p) != nullptr) {
     return op_by_op_step(tokens, state, embeddings, lower_bounds, norms_in, down_norms_in, packed_in, w_scales,
                          final_norms_in, eps, inter);
   }

@@ -13,24 +13,13 @@
 #include <string>
 
 #include "bindings/checks.h"
+#include "bindings/op_calls.h"
 #include "common/ternary_format.h"
 #include "ternary.h"
 
 namespace mmfree {
 namespace binding {
 namespace {
-
-using TensorPair = std::tuple<Tensor, Tensor>;
-
-TensorPair call_rms_norm_quant(const Tensor& x, const Tensor& weight, double eps) {
-  auto r = call_op<2>("mmfree::rms_norm_quant", "", x, weight, eps);
-  return {take(r[0]), take(r[1])};
-}
-
-TensorPair call_quantize_ternary(const Tensor& weight) {
-  auto r = call_op<2>("mmfree::quantize_ternary", "", weight);
-  return {take(r[0]), take(r[1])};
-}
 
 void check_packed_for(const Tensor& packed, int64_t k, const Tensor& ref, const char* ref_name) {
   check_dtype(packed, "packed", kByte);

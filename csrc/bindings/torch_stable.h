@@ -107,12 +107,25 @@ inline Tensor scalar_tensor(double v, ScalarType dtype, const Tensor& like) {
   return torch::stable::full({}, v, dtype, std::nullopt, like.device());
 }
 
+// A 0-dim CPU tensor holding v: the stand-in for a Python scalar operand of an elementwise
+// op (TensorIterator treats a CPU 0-dim operand as a scalar on every device, as it does the
+// wrapped number a Scalar argument becomes).
+inline Tensor cpu_scalar(double v, ScalarType dtype) {
+  return torch::stable::full({}, v, dtype, std::nullopt, Device(torch::headeronly::DeviceType::CPU));
+}
+
 inline Tensor to(const Tensor& t, ScalarType dtype) {
   return t.scalar_type() == dtype ? t : torch::stable::to(t, dtype);
 }
 
 // t.contiguous() (named apart from torch::stable::contiguous, which ADL also finds).
 inline Tensor contig(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+
+// t.narrow(dim, start, length) for a const t (torch::stable::narrow takes a mutable handle).
+inline Tensor narrowed(const Tensor& t, int64_t dim, int64_t start, int64_t length) {
+  Tensor view = t;
+  return torch::stable::narrow(view, dim, start, length);
+}
 
 inline std::vector<int64_t> sizes_vec(const Tensor& t) {
   const IntArrayRef s = t.sizes();
@@ -175,6 +188,15 @@ inline Tensor sum_keepdim(const Tensor& a, int64_t dim) {
 }
 inline Tensor sum0(const Tensor& a) { return torch::stable::sum(a, std::vector<int64_t>{0}, false); }
 inline Tensor t(const Tensor& a) { return torch::stable::transpose(a, 0, 1); }
+inline Tensor abs(const Tensor& a) { return call_tensor_op("aten::abs", "", a); }
+inline Tensor gt(const Tensor& a, const Tensor& b) { return call_tensor_op("aten::gt", "Tensor", a, b); }
+inline Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b) {
+  return call_tensor_op("aten::where", "self", cond, a, b);
+}
+inline void round_(const Tensor& a) { take(call_op<1>("aten::round_", "", a)[0]); }
+inline void clamp_(const Tensor& a, const Tensor& lo, const Tensor& hi) {
+  take(call_op<1>("aten::clamp_", "Tensor", a, std::optional<Tensor>(lo), std::optional<Tensor>(hi))[0]);
+}
 }  // namespace aten
 
 // ---- CUDA ---------------------------------------------------------------------------------

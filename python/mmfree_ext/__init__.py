@@ -9,7 +9,7 @@ implementation of everything is in :mod:`mmfree_ext.reference`.
 from __future__ import annotations
 
 from . import nn, ops
-from ._native import build_info, cpu_features, cpu_isa, cuda_available, set_cpu_isa
+from ._native import build_info, cpu_ext, cpu_features, cpu_isa, cuda_available, set_cpu_ext, set_cpu_isa
 from .ops import (
     mlgru_scan,
     quantize_ternary,
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "build_info",
+    "cpu_ext",
     "cpu_features",
     "cpu_isa",
     "cuda_available",
@@ -43,6 +44,7 @@ __all__ = [
     "rms_norm_quant_multi",
     "rms_norm_swish_gate",
     "rms_norm_swish_gate_quant",
+    "set_cpu_ext",
     "set_cpu_isa",
     "ternary_linear",
     "ternary_linear_packed",

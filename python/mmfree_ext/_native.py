@@ -41,6 +41,11 @@ def _load_cuda_kernels() -> str:
 
 _CUDA_SKIP_REASON = _load_cuda_kernels()
 
+# The fused CPU decode step runs as a team of threads that wait for each other, which only
+# torch's OpenMP backend promises (all chunks of one parallel_for run at once); the stable
+# ABI does not say which backend torch has, so it is read here.
+_C._set_team_concurrent("parallel backend: OpenMP" in torch.__config__.parallel_info())
+
 # The quantizing ops are not differentiable: their outputs are constants to autograd (int8
 # codes have no gradient; BitLinear's straight-through estimator differentiates the
 # normalized activation itself, as reference.bit_linear does). The stable ABI cannot
@@ -75,6 +80,18 @@ def set_cpu_isa(name: str) -> None:
 def cpu_isa() -> str:
     """The CPU kernel path in use ('scalar', 'avx2' or 'avx512')."""
     return str(_C.cpu_isa())
+
+
+def set_cpu_ext(name: str) -> None:
+    """Cap the CPU instruction-set extensions at 'none' (no vpdpbusd), 'vnni' or 'amx' (the
+    default: everything the CPU has). Independent of :func:`set_cpu_isa`; tests use both to
+    run every kernel path on one machine."""
+    _C.set_cpu_ext(name)
+
+
+def cpu_ext() -> str:
+    """The CPU extension cap in use ('none', 'vnni' or 'amx')."""
+    return str(_C.cpu_ext())
 
 
 def cuda_available() -> bool:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from . import ops  # noqa: F401  (registers the fake kernels and autograd)
 from .ops._common import packed_row_bytes
+from .ops.bitlinear import bitlinear
 
 __all__ = ["BitLinear", "PackedBitLinear", "RMSNorm"]
 
@@ -45,7 +46,10 @@ class BitLinear(nn.Module):
 
     Trainable: the latent ``weight`` [out_features, in_features] is ternarized (absmean) on
     every forward, and the backward uses the straight-through estimator. The optional bias
-    (off in MMfreeLM) is added after the product.
+    (off in MMfreeLM) is added after the product. The weight is ternarized and packed once per
+    step (the backward reuses it and the saved int8 activations). ``int8_dx=True`` opts into
+    the approximate int8 dX product (dY quantized per row to int8, SwitchBack-style);
+    ``None`` (default) follows ``MMFREE_BITLINEAR_DX`` ("exact" unless set to "int8").
     """
 
     def __init__(
@@ -56,11 +60,13 @@ class BitLinear(nn.Module):
         eps: float = 1e-6,
         device: Any = None,
         dtype: Any = None,
+        int8_dx: bool | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.eps = eps
+        self.int8_dx = int8_dx
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.norm = RMSNorm(in_features, eps, device=device, dtype=dtype)
@@ -75,7 +81,7 @@ class BitLinear(nn.Module):
         nn.init.ones_(self.norm.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.ops.mmfree.ternary_linear(x, self.weight, self.norm.weight, self.eps)
+        y = bitlinear(x, self.weight, self.norm.weight, self.eps, self.int8_dx)
         return y if self.bias is None else y + self.bias
 
     @torch.no_grad()

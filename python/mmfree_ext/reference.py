@@ -129,12 +129,18 @@ def quantize_activation(xn: Tensor) -> tuple[Tensor, Tensor]:
 
     ``xn`` is taken in fp32. Returns ``x_q`` (int8, same shape) and ``x_scale`` (fp32,
     shape ``xn.shape[:-1]``), the dequantization multiplier ``amax / 127``.
+    A row holding a NaN or an infinity (NaN/inf input, weight or eps) gets codes 0 and
+    ``x_scale`` NaN, so the NaN reaches every product of the row (docs/numerics.md); an
+    all-zero row gets codes 0 and the finite scale ``1e-5 / 127`` (products exactly 0).
     """
     xf = xn.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=SCALE_MIN)
+    amax = xf.abs().amax(dim=-1, keepdim=True)  # NaN if the row holds one, inf for an inf
+    bad = ~torch.isfinite(amax)
+    amax = amax.clamp(min=SCALE_MIN)
     s = 127.0 / amax  # fp32 division, as the kernels must do it
-    x_q = round_half_away(xf * s).clamp(-128, 127).to(torch.int8)
-    x_scale = (amax / 127.0).squeeze(-1)
+    v = round_half_away(xf * s).clamp(-128, 127)
+    x_q = torch.where(bad, torch.zeros_like(v), v).to(torch.int8)
+    x_scale = torch.where(bad, torch.full_like(amax, float("nan")), amax / 127.0).squeeze(-1)
     return x_q, x_scale
 
 
@@ -178,7 +184,8 @@ def ternarize(weight: Tensor) -> tuple[Tensor, Tensor]:
     the dequantization multiplier ``max(mean|W|, 1e-5)``).
     """
     wf = weight.float()
-    w_scale = wf.abs().mean().clamp(min=SCALE_MIN)
+    # An empty weight has mean|W| = 0 (not torch's NaN mean of nothing): scale 1e-5.
+    w_scale = (wf.abs().mean() if wf.numel() else wf.new_zeros(())).clamp(min=SCALE_MIN)
     s_w = 1.0 / w_scale  # fp32 reciprocal, then multiply (not a division by w_scale)
     w_q = round_half_away(wf * s_w).clamp(-1, 1).to(torch.int8)
     return w_q, w_scale
@@ -336,6 +343,8 @@ def _scan_fp32(f: Tensor, c: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
     for t in range(f.shape[1]):
         h = f[:, t] * h + c[:, t]
         outs.append(h)
+    if not outs:  # T = 0: no steps, the state passes through
+        return f.new_empty(f.shape), h
     return torch.stack(outs, dim=1), h
 
 

@@ -8,6 +8,10 @@
 #include <cpuid.h>
 #define MMFREE_X86 1
 #endif
+#if defined(MMFREE_X86) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace mmfree {
 namespace cpu {
@@ -33,6 +37,7 @@ CpuFeatures detect() {
     const uint64_t xcr0 = read_xcr0();
     f.os_avx = (xcr0 & 0x6) == 0x6;            // xmm + ymm
     f.os_avx512 = (xcr0 & 0xe6) == 0xe6;       // + opmask, zmm_hi256, hi16_zmm
+    f.os_amx = (xcr0 & 0x60000) == 0x60000;    // XTILECFG + XTILEDATA
   }
   if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
     f.avx2 = (b >> 5) & 1;
@@ -42,6 +47,9 @@ CpuFeatures detect() {
     f.avx512bw = (b >> 30) & 1;
     f.avx512vl = (b >> 31) & 1;
     f.avx512vnni = (c >> 11) & 1;
+    f.amx_bf16 = (d >> 22) & 1;
+    f.amx_tile = (d >> 24) & 1;
+    f.amx_int8 = (d >> 25) & 1;
   }
   if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) {
     f.avxvnni = (a >> 4) & 1;
@@ -49,6 +57,7 @@ CpuFeatures detect() {
   }
   if (!f.os_avx) f.avx2 = f.fma = f.f16c = f.avxvnni = false;
   if (!f.os_avx512) f.avx512f = f.avx512bw = f.avx512vl = f.avx512dq = f.avx512vnni = f.avx512bf16 = false;
+  if (!f.os_amx || !f.os_avx512) f.amx_tile = f.amx_int8 = f.amx_bf16 = false;
 #endif
   return f;
 }
@@ -61,6 +70,29 @@ Isa isa_from_env() {
 }
 
 std::atomic<int> g_cap{-1};
+std::atomic<int> g_ext_cap{-1};
+
+Ext ext_from_env() {
+  const char* env = std::getenv("MMFREE_CPU_EXT");
+  Ext ext = Ext::kAmx;
+  if (env != nullptr && *env != '\0' && !parse_ext(env, &ext)) ext = Ext::kAmx;
+  return ext;
+}
+
+// Linux hands out the AMX tile-data state only to processes that ask for it (5.16+);
+// without the permission the first tile instruction faults. Asked once per process.
+bool amx_permitted() {
+#if defined(MMFREE_X86) && defined(__linux__)
+  static const bool ok = [] {
+    constexpr long kArchReqXcompPerm = 0x1023;
+    constexpr long kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
 
 }  // namespace
 
@@ -117,6 +149,57 @@ Isa active_isa() {
 }
 
 void set_isa_cap(Isa cap) { g_cap.store(static_cast<int>(cap), std::memory_order_relaxed); }
+
+void set_ext_cap(Ext cap) { g_ext_cap.store(static_cast<int>(cap), std::memory_order_relaxed); }
+
+Ext ext_cap() {
+  int cap = g_ext_cap.load(std::memory_order_relaxed);
+  if (cap < 0) {
+    cap = static_cast<int>(ext_from_env());
+    g_ext_cap.store(cap, std::memory_order_relaxed);
+  }
+  return static_cast<Ext>(cap);
+}
+
+const char* ext_name(Ext ext) {
+  switch (ext) {
+    case Ext::kNone: return "none";
+    case Ext::kVnni: return "vnni";
+    case Ext::kAmx: return "amx";
+  }
+  return "unknown";
+}
+
+bool parse_ext(const std::string& name, Ext* out) {
+  if (name == "none") { *out = Ext::kNone; return true; }
+  if (name == "vnni") { *out = Ext::kVnni; return true; }
+  if (name == "amx") { *out = Ext::kAmx; return true; }
+  return false;
+}
+
+bool use_vnni512() {
+  return active_isa() == Isa::kAvx512 && ext_cap() >= Ext::kVnni && cpu_features().avx512vnni;
+}
+
+bool use_vnni256() {
+  return isa_compiled(Isa::kAvx2) && active_isa() >= Isa::kAvx2 && ext_cap() >= Ext::kVnni && cpu_features().avxvnni;
+}
+
+bool use_amx_int8() {
+#if !defined(MMFREE_HAVE_AMX_KERNELS)
+  return false;
+#endif
+  const CpuFeatures& f = cpu_features();
+  return active_isa() == Isa::kAvx512 && ext_cap() >= Ext::kAmx && f.amx_tile && f.amx_int8 && amx_permitted();
+}
+
+bool use_amx_bf16() {
+#if !defined(MMFREE_HAVE_AMX_KERNELS)
+  return false;
+#endif
+  const CpuFeatures& f = cpu_features();
+  return active_isa() == Isa::kAvx512 && ext_cap() >= Ext::kAmx && f.amx_tile && f.amx_bf16 && amx_permitted();
+}
 
 const char* isa_name(Isa isa) {
   switch (isa) {

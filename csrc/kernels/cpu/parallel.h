@@ -18,6 +18,34 @@ void parallel_for_raw(int64_t begin, int64_t end, int64_t grain, RangeFn fn, voi
 // Threads the backend will use (1 without a backend); kernels use it to size work splits.
 int max_threads();
 
+// A team: fn(ctx, tid, nthreads) runs once on each of nthreads threads that run at the same
+// time (so they may wait for each other at a TeamBarrier). The torch backend builds it from
+// one at::parallel_for over OpenMP threads; without a team backend (or inside another
+// parallel region) it is one call with nthreads = 1. Kernels that call parallel_for from
+// inside a team get the serial loop (torch runs nested regions inline).
+using TeamFn = void (*)(void* ctx, int tid, int nthreads);
+using TeamBackend = void (*)(TeamFn fn, void* ctx);
+void set_team_backend(TeamBackend backend);
+void parallel_team_raw(TeamFn fn, void* ctx);
+
+template <class F>
+void parallel_team(const F& f) {
+  parallel_team_raw([](void* ctx, int tid, int n) { (*static_cast<const F*>(ctx))(tid, n); },
+                    const_cast<void*>(static_cast<const void*>(&f)));
+}
+
+// Sense-reversing spin barrier for the nthreads threads of one team (every caller passes
+// the same count; spins with pause, then yields: on a loaded machine a partner thread may be
+// descheduled).
+class TeamBarrier {
+ public:
+  void wait(int nthreads);
+
+ private:
+  alignas(64) int count_ = 0;
+  alignas(64) int sense_ = 0;
+};
+
 // Calls f(b, e) on disjoint sub-ranges covering [begin, end), each at least `grain`
 // long except the last. f must be safe to call concurrently.
 template <class F>

@@ -4,17 +4,19 @@ Every compute step of :class:`~mmfree_ext.models.modeling.MMfreeLMForCausalLM` g
 function here, so the model file reads as the math of SPEC section 2 and the op signatures
 live in one spot. Two paths:
 
-* training / latent weights: BitLinear's ``ternary_linear`` (STE autograd) and ``mlgru_scan``
-  (autograd); the plain RMSNorms and the output gate are written in differentiable torch with
-  fp32 statistics (the same formula as the ops, which carry no autograd);
+* training / latent weights: BitLinear's ``ternary_linear`` (STE autograd), ``mlgru_scan``, the
+  fused RMSNorm (+ residual add), output gate and GLU ``silu_mul`` ops (all with autograd), and
+  the lm_head fused with the cross entropy (``ternary_linear_cross_entropy``);
 * inference / packed weights: fused RMSNorm + int8 quantization feeding ``ternary_matmul``.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from ..ops.glu import silu_mul_ternary_linear
+from ..ops.loss import ternary_linear_cross_entropy
 
 mm = torch.ops.mmfree
 
@@ -35,18 +37,25 @@ def layer_lower_bounds(lower_bounds: Tensor) -> Tensor:
     return torch.cumsum(lb, dim=0) - lb[0]
 
 
-def rms_norm_train(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Differentiable RMSNorm, fp32 statistics, ``(x * rstd) * w`` in fp32, output in x's dtype."""
-    xf = x.float()
-    rstd = torch.rsqrt((xf * xf).sum(dim=-1, keepdim=True) / x.shape[-1] + eps)
-    return ((xf * rstd) * weight.float()).to(x.dtype)
+def swish_gate(g: Tensor, h: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """MLGRU output gate ``RMSNorm(g) * w * silu(h)`` (fp32 inside, g's dtype out), with autograd."""
+    return mm.rms_norm_swish_gate(g, h, weight, eps)
 
 
-def swish_gate_train(g: Tensor, h: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Differentiable MLGRU output gate ``RMSNorm(g) * w * silu(h)`` (fp32 inside, g's dtype out)."""
-    gf = g.float()
-    rstd = torch.rsqrt((gf * gf).sum(dim=-1, keepdim=True) / g.shape[-1] + eps)
-    return (((gf * rstd) * weight.float()) * F.silu(h.float())).to(g.dtype)
+def silu_mul(u: Tensor) -> Tensor:
+    """The GLU's ``silu(u[.., :I]) * u[.., I:]`` in u's dtype, fused, with autograd."""
+    return mm.silu_mul(u)
+
+
+def glu_down(u: Tensor, weight: Tensor, norm_weight: Tensor, eps: float) -> Tensor:
+    """down_proj(silu_mul(u)) on latent weights; autograd keeps u, not the [.., I] activation."""
+    return silu_mul_ternary_linear(u, weight, norm_weight, eps)
+
+
+def bit_linear_cross_entropy(x: Tensor, weight: Tensor, norm_weight: Tensor, labels: Tensor, eps: float) -> Tensor:
+    """Mean cross entropy of the BitLinear lm_head's logits against ``labels`` (-100 ignored),
+    chunked over rows: the fp32 ``[rows, V]`` logits are never formed for all rows at once."""
+    return ternary_linear_cross_entropy(x, weight, norm_weight, labels, eps)
 
 
 def bit_linear_train(x: Tensor, weight: Tensor, norm_weight: Tensor, eps: float) -> Tensor:

@@ -9,6 +9,7 @@ every BitLinear, ``<name>.packed`` (uint8 2-bit codes) and ``<name>.w_scale`` (f
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterator
@@ -55,18 +56,28 @@ def _weight_files(model_dir: str) -> list[str]:
     )
 
 
-def _iter_file(path: str) -> Iterator[tuple[str, Tensor]]:
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
+def _read_file(path: str) -> list[tuple[str, Tensor]]:
+    """Every tensor of one weight file; a truncated, corrupt or mislabelled file (a pickle
+    named .safetensors, say) raises CheckpointError naming it instead of the parser's error."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
 
-        with safe_open(path, framework="pt", device="cpu") as fh:
-            for key in fh.keys():
-                yield key, fh.get_tensor(key)
-    else:
+            with safe_open(path, framework="pt", device="cpu") as fh:
+                return [(key, fh.get_tensor(key)) for key in fh.keys()]
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{path}: expected a state_dict, got {type(state).__name__}")
-        yield from state.items()
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors/pickle/zip errors have no common base class
+        kind = "safetensors" if path.endswith(".safetensors") else "torch.save (.bin)"
+        raise CheckpointError(f"{path}: not a readable {kind} file (truncated or corrupt?): {e}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state_dict of tensors, got {type(state).__name__}")
+    return list(state.items())
+
+
+def _iter_file(path: str) -> Iterator[tuple[str, Tensor]]:
+    yield from _read_file(path)
 
 
 def load_state_dict_files(model_dir: str, progress: bool = True) -> dict[str, Tensor]:
@@ -106,6 +117,11 @@ def _check_keys(model: MMfreeLMForCausalLM, state: dict[str, Tensor], model_dir:
             raise CheckpointError(f"checkpoint {model_dir!r}: key {key!r} has dtype {got.dtype}, expected {want.dtype}")
         if not (got.is_floating_point() or got.dtype == torch.uint8):
             raise CheckpointError(f"checkpoint {model_dir!r}: key {key!r} has non-float dtype {got.dtype}")
+        if want.dtype != torch.uint8 and got.dtype == torch.uint8:
+            raise CheckpointError(f"checkpoint {model_dir!r}: key {key!r} has dtype uint8, expected a float tensor")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            bad = int((~torch.isfinite(got)).sum())
+            raise CheckpointError(f"checkpoint {model_dir!r}: key {key!r} holds {bad} NaN/inf value(s)")
 
 
 def load_model(
@@ -124,7 +140,12 @@ def load_model(
     naming it.
     """
     model_dir = os.fspath(model_dir)
-    config = MMfreeLMConfig.from_pretrained(model_dir)
+    try:
+        config = MMfreeLMConfig.from_pretrained(model_dir)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{os.path.join(model_dir, 'config.json')}: not valid JSON: {e}") from e
+    except TypeError as e:  # a field the config class does not take, or of the wrong kind
+        raise CheckpointError(f"{os.path.join(model_dir, 'config.json')}: {e}") from e
     stored_packed = config.packed
     with torch.device("meta"):
         model = MMfreeLMForCausalLM(config, init_seed=None)
@@ -147,21 +168,79 @@ def load_model(
     return model.eval()
 
 
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not possible on every platform / file system
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: str, write) -> str:
+    """``write(tmp_path)`` into a temp file beside ``path``, fsync it; returns the temp path."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return tmp
+
+
 def save_model(model: MMfreeLMForCausalLM, out_dir: str | os.PathLike, *, progress: bool = True) -> None:
-    """Write ``config.json`` and ``model.safetensors`` (the model as it is: latent or packed)."""
+    """Write ``config.json`` and ``model.safetensors`` (the model as it is: latent or packed).
+
+    Atomic per file: each is written to a temp file in ``out_dir``, fsynced, then renamed
+    over the old one (``os.replace``), so a save killed at any point leaves the previous
+    checkpoint loadable (a killed save may leave a ``.model.safetensors.tmp-<pid>`` file,
+    which loading ignores). The weights are replaced before the config. A folder holding a
+    checkpoint of another layout (sharded or .bin) is refused: its index would shadow the
+    new file.
+    """
     from safetensors.torch import save_file
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    model.config.packed = model.is_packed
-    model.config.save(out_dir)
+    others = [n for n in (SAFE_INDEX, BIN_INDEX, BIN_SINGLE) if os.path.exists(os.path.join(out_dir, n))]
+    if others:
+        raise CheckpointError(
+            f"{out_dir!r} already holds a checkpoint of another layout ({', '.join(others)}), which would "
+            f"shadow the new {SAFE_SINGLE}; save to an empty folder"
+        )
     items = list(model.state_dict().items())
     tensors = {}
     with progress_bar(len(items), "saving", disable=not progress) as bar:
         for key, t in items:
             tensors[key] = t.detach().to("cpu").contiguous().clone()
             bar.update(1)
-    save_file(tensors, os.path.join(out_dir, SAFE_SINGLE), metadata={"format": "pt"})
+    config = copy.copy(model.config)
+    config.packed = model.is_packed
+    weights_path = os.path.join(out_dir, SAFE_SINGLE)
+    config_path = os.path.join(out_dir, "config.json")
+    tmp_weights = _write_durable(weights_path, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    try:
+        tmp_config = _write_durable(config_path, lambda p: _write_config(config, p))
+    except BaseException:
+        os.remove(tmp_weights)
+        raise
+    os.replace(tmp_weights, weights_path)
+    os.replace(tmp_config, config_path)
+    _fsync_dir(out_dir)
+    model.config.packed = model.is_packed
+
+
+def _write_config(config: MMfreeLMConfig, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(config.to_dict(), fh, indent=2, sort_keys=True)
+        fh.write("\n")
 
 
 def save_packed(model: MMfreeLMForCausalLM, out_dir: str | os.PathLike, *, progress: bool = True) -> None:

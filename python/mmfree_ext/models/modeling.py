@@ -22,15 +22,33 @@ from .. import nn as mnn
 from . import _layers as L
 from .config import MMfreeLMConfig
 
-__all__ = ["MMfreeLMForCausalLM", "MMfreeLMOutput", "model_memory_bytes", "pack_model"]
+__all__ = ["IGNORE_INDEX", "MMfreeLMForCausalLM", "MMfreeLMOutput", "model_memory_bytes", "pack_model"]
+
+#: Label value that the training loss skips (the transformers / F.cross_entropy convention).
+IGNORE_INDEX = -100
 
 
-class MMfreeLMOutput(NamedTuple):
-    """``logits`` fp32 ``[B, T', V]`` (T' = T or the last ``logits_to_keep``), and the new
-    recurrent ``state`` fp32 ``[L, B, h]`` (one MLGRU hidden vector per layer and sequence)."""
-
-    logits: Tensor
+class _LogitsAndState(NamedTuple):
+    logits: Tensor | None
     state: Tensor
+
+
+class MMfreeLMOutput(_LogitsAndState):
+    """``logits`` fp32 ``[B, T', V]`` (T' = T or the last ``logits_to_keep``; None when a latent
+    model was given ``labels``: the loss is then formed without them), the new recurrent
+    ``state`` fp32 ``[L, B, h]`` (one MLGRU hidden vector per layer and sequence), and ``loss``
+    (0-dim fp32 when ``labels`` were given, else None).
+
+    A 2-tuple ``(logits, state)`` as before (``logits, state = model(ids)`` keeps working);
+    ``loss`` is an attribute beside the two fields.
+    """
+
+    loss: Tensor | None
+
+    def __new__(cls, logits: Tensor | None, state: Tensor, loss: Tensor | None = None) -> MMfreeLMOutput:
+        self = super().__new__(cls, logits, state)
+        self.loss = loss
+        return self
 
 
 def _is_packed(module: nn.Module) -> bool:
@@ -89,7 +107,7 @@ class MLGRU(nn.Module):
         f = L.bit_linear_train(a, self.f_proj.weight, self.f_proj.norm.weight, eps)
         g = L.bit_linear_train(a, self.g_proj.weight, self.g_proj.norm.weight, eps)
         h, h_last = _scan(i, f, lower_bound, h0, mask, cu_seqlens)
-        o = L.swish_gate_train(g, h, self.g_norm.weight, eps)
+        o = L.swish_gate(g, h, self.g_norm.weight, eps)
         return L.bit_linear_train(o, self.o_proj.weight, self.o_proj.norm.weight, eps), h_last
 
 
@@ -120,6 +138,11 @@ class GLU(nn.Module):
 
     def forward(self, m: Tensor) -> Tensor:
         u = _bit_linear(self.gate_proj, m, self.eps)
+        if not _is_packed(self.gate_proj):
+            # Training: silu_mul + down_proj as one op (instead of slice, silu, mul, BitLinear)
+            # whose backward recomputes the [.., I] activation from u instead of keeping it.
+            return L.glu_down(u, self.down_proj.weight, self.down_proj.norm.weight, self.eps)
+        # Packed path: kept op for op (ops/decode.py's composite mirrors this rounding).
         gate, v = u[..., : self.intermediate_size], u[..., self.intermediate_size :]
         return _bit_linear(self.down_proj, F.silu(gate) * v, self.eps)
 
@@ -175,21 +198,14 @@ class Block(nn.Module):
         cu_seqlens: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         eps = self.eps
-        if _is_packed(self.attn.i_proj):
-            # Residual adds are fused into the following RMSNorm: (norm(x + d), x + d).
-            if delta is None:
-                a, _ = L.rms_norm(x, self.attn_norm.weight, eps)
-            else:
-                a, x = L.rms_norm(delta, self.attn_norm.weight, eps, residual=x)
-            attn_out, h_last = self.attn(a, lower_bound, h0, mask, cu_seqlens)
-            m, x = L.rms_norm(attn_out, self.mlp_norm.weight, eps, residual=x)
-            return x, self.mlp(m), h_last
-        if delta is not None:
-            x = x + delta
-        a = L.rms_norm_train(x, self.attn_norm.weight, eps)
+        # Residual adds are fused into the following RMSNorm: (norm(x + d), x + d), in both
+        # paths (the fused op carries autograd for x, weight and residual).
+        if delta is None:
+            a, _ = L.rms_norm(x, self.attn_norm.weight, eps)
+        else:
+            a, x = L.rms_norm(delta, self.attn_norm.weight, eps, residual=x)
         attn_out, h_last = self.attn(a, lower_bound, h0, mask, cu_seqlens)
-        x = x + attn_out
-        m = L.rms_norm_train(x, self.mlp_norm.weight, eps)
+        m, x = L.rms_norm(attn_out, self.mlp_norm.weight, eps, residual=x)
         return x, self.mlp(m), h_last
 
 
@@ -205,14 +221,20 @@ class Backbone(nn.Module):
 class MMfreeLMForCausalLM(nn.Module):
     """The MatMul-free LM (paper checkpoints: model_type ``hgrn_bit``), on the mmfree ops.
 
-    ``forward(input_ids, state=None, attention_mask=None, logits_to_keep=0)`` runs the T
-    tokens through every layer starting from ``state`` (fp32 ``[L, B, h]`` or a list of ``[B, h]``;
-    None = zeros) and returns :class:`MMfreeLMOutput`. ``attention_mask`` ``[B, T]`` marks real
-    tokens with 1: padded positions add nothing to the recurrent state, so left-padded batches
-    give each sequence the result it gets alone. ``cu_seqlens`` (int32/int64 ``[S+1]``, offsets
-    into the B*T tokens read row after row, containing every row start ``b*T``) marks packed
-    documents: the recurrent state restarts at every offset (training on packed rows); the
-    returned state is then ``[L, S, h]``, one per document. Compute runs in the embedding dtype.
+    ``forward(input_ids, state=None, attention_mask=None, logits_to_keep=0, labels=None)`` runs
+    the T tokens through every layer starting from ``state`` (fp32 ``[L, B, h]`` or a list of
+    ``[B, h]``; None = zeros) and returns :class:`MMfreeLMOutput`. With ``labels`` ``[B, T]``
+    (int64, shifted inside as in transformers: position t predicts ``labels[:, t + 1]``, -100
+    ignored) the output's ``loss`` is the mean next-token cross entropy; a latent model then
+    forms it with the fused lm_head + cross-entropy op and returns no logits.
+    ``shift_labels=False`` takes ``labels`` as already aligned (``labels[:, t]`` is position t's
+    target), so that a ``[B, T+1]`` batch trains on all T targets of its T inputs.
+    ``attention_mask`` ``[B, T]`` marks real tokens with 1: padded positions add nothing to the
+    recurrent state, so left-padded batches give each sequence the result it gets alone.
+    ``cu_seqlens`` (int32/int64 ``[S+1]``, offsets into the B*T tokens read row after row,
+    containing every row start ``b*T``) marks packed documents: the recurrent state restarts at
+    every offset (training on packed rows); the returned state is then ``[L, S, h]``, one per
+    document. Compute runs in the embedding dtype.
     """
 
     def __init__(self, config: MMfreeLMConfig | dict[str, Any], *, init_seed: int | None = 0) -> None:
@@ -326,8 +348,17 @@ class MMfreeLMForCausalLM(nn.Module):
         attention_mask: Tensor | None = None,
         logits_to_keep: int = 0,
         cu_seqlens: Tensor | None = None,
+        labels: Tensor | None = None,
+        shift_labels: bool = True,
     ) -> MMfreeLMOutput:
         cfg = self.config
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(
+                    f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
+                )
+            if logits_to_keep > 0:
+                raise ValueError("labels and logits_to_keep cannot be combined: the loss needs every position")
         n_layers = cfg.num_hidden_layers
         if state is not None and len(state) != n_layers:
             raise ValueError(f"state must hold {n_layers} per-layer tensors, got {len(state)}")
@@ -345,18 +376,28 @@ class MMfreeLMForCausalLM(nn.Module):
             x = x[:, -logits_to_keep:]
             delta = delta[:, -logits_to_keep:] if delta is not None else None
         eps = cfg.rms_norm_eps
+        if delta is None:
+            xn, _ = L.rms_norm(x, self.model.norm.weight, eps)
+        else:
+            xn, _ = L.rms_norm(delta.contiguous(), self.model.norm.weight, eps, residual=x.contiguous())
+        state_out = torch.stack(new_state)
+        if labels is not None and not self.is_packed:
+            # Position t predicts labels[:, t + 1]; the last position of each row has no target.
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) if shift_labels else labels
+            loss = L.bit_linear_cross_entropy(xn, self.lm_head.weight, self.lm_head.norm.weight, targets, eps)
+            return MMfreeLMOutput(None, state_out, loss)
         if self.is_packed:
-            if delta is None:
-                xn, _ = L.rms_norm(x, self.model.norm.weight, eps)
-            else:
-                xn, _ = L.rms_norm(delta.contiguous(), self.model.norm.weight, eps, residual=x.contiguous())
             x_q, x_scale = L.rms_norm_quant(xn, self.lm_head.norm.weight, eps)
             logits = L.ternary_matmul(x_q, x_scale, self.lm_head.packed, self.lm_head.w_scale, xn.dtype)
         else:
-            x = x if delta is None else x + delta
-            xn = L.rms_norm_train(x, self.model.norm.weight, eps)
             logits = L.bit_linear_train(xn, self.lm_head.weight, self.lm_head.norm.weight, eps)
-        return MMfreeLMOutput(logits.float(), torch.stack(new_state))
+        logits = logits.float()
+        if labels is None:
+            return MMfreeLMOutput(logits, state_out)
+        # Packed (frozen) models: no latent lm_head weight to fuse with; the plain loss.
+        scored, targets = (logits[:, :-1], labels[:, 1:]) if shift_labels else (logits, labels)
+        loss = F.cross_entropy(scored.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        return MMfreeLMOutput(logits, state_out, loss)
 
     # ------------------------------------------------------------------------------------
     @classmethod

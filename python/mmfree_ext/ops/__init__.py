@@ -5,7 +5,11 @@ native schemas and CPU/CUDA kernels are registered by importing mmfree_ext._C.
 """
 
 from .. import _native  # noqa: F401  (registers the native schemas before the fakes below)
+from .act import silu_mul
+from .bitlinear import bitlinear
 from .decode import decode_step
+from .glu import silu_mul_ternary_linear
+from .loss import ternary_linear_cross_entropy
 from .mlgru import mlgru_scan
 from .norm import (
     rms_norm,
@@ -24,6 +28,7 @@ from .ternary import (
 )
 
 __all__ = [
+    "bitlinear",
     "decode_step",
     "mlgru_scan",
     "quantize_ternary",
@@ -32,7 +37,10 @@ __all__ = [
     "rms_norm_quant_multi",
     "rms_norm_swish_gate",
     "rms_norm_swish_gate_quant",
+    "silu_mul",
+    "silu_mul_ternary_linear",
     "ternary_linear",
+    "ternary_linear_cross_entropy",
     "ternary_linear_packed",
     "ternary_matmul",
     "ternary_matmul_grouped",

@@ -213,7 +213,16 @@ def _rms_norm_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     x, weight, eps, residual = inputs
     ctx.eps = eps
     ctx.has_residual = residual is not None
-    ctx.save_for_backward(x, weight, residual)
+    # With a residual, fp32/fp64 inputs keep the one sum residual_out = x + residual (an output
+    # the next layer holds anyway, and exactly the sum the statistic was taken from) instead of
+    # both summands: one [.., K] tensor less per norm. 16-bit inputs keep both summands: the
+    # forward's statistic comes from their fp32 sum, and the 16-bit residual_out would move the
+    # gradient by up to 100x torch's own error (tests/test_fuzz_norm.py caught it).
+    ctx.sum_saved = residual is not None and x.dtype in (torch.float32, torch.float64)
+    if ctx.sum_saved:
+        ctx.save_for_backward(output[1], weight, None)
+    else:
+        ctx.save_for_backward(x, weight, residual)
 
 
 def _rms_norm_backward(

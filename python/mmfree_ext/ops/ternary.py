@@ -6,8 +6,10 @@
   SPEC.md section 1 (grads for x, weight and norm_weight).
 * :func:`ternary_linear_packed` - inference BitLinear on packed weights (grads for x and norm_weight).
 
-The BitLinear backward ops recompute the int8 activations from ``x`` instead of saving them, so
-autograd keeps only the op inputs (no normalized float copy of the activations).
+Under autograd, ``ternary_linear`` runs the once-per-step BitLinear of :mod:`.bitlinear` (the
+packed weight and the int8 activations are saved, nothing is re-quantized); the explicit
+``ternary_linear_backward`` op and ``ternary_linear_packed``'s backward recompute the int8
+activations from ``x``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from ._common import check_packed_shape
+from .bitlinear import bitlinear
 
 __all__ = ["ternary_linear", "ternary_linear_packed", "ternary_matmul", "ternary_matmul_grouped", "ternary_matmul_t"]
 
@@ -64,13 +67,23 @@ def ternary_matmul_t(grad: torch.Tensor, packed: torch.Tensor, w_scale: torch.Te
     return torch.ops.mmfree.ternary_matmul_t(grad, packed, w_scale, in_features)
 
 
-def ternary_linear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def ternary_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float = 1e-6,
+    int8_dx: bool | None = None,
+) -> torch.Tensor:
     """Training BitLinear: RMSNorm -> int8 activations x absmean-ternarized ``weight`` [N, K].
 
     Output ``[..., N]`` in x's dtype; differentiable in ``x``, ``weight`` and ``norm_weight``
-    with the straight-through estimator (SPEC.md section 1).
+    with the straight-through estimator (SPEC.md section 1). Runs
+    :func:`mmfree_ext.ops.bitlinear.bitlinear` (the weight is quantized once per step, the
+    int8 activations are saved for dW); ``int8_dx`` opts into the approximate int8 dX
+    (``None``: ``MMFREE_BITLINEAR_DX``). ``torch.ops.mmfree.ternary_linear`` is the same
+    function with a backward that re-quantizes.
     """
-    return torch.ops.mmfree.ternary_linear(x, weight, norm_weight, eps)
+    return bitlinear(x, weight, norm_weight, eps, int8_dx)
 
 
 def ternary_linear_packed(
@@ -193,18 +206,6 @@ def _ternary_linear_packed_backward_fake(
 # ---- autograd -----------------------------------------------------------------------------
 
 
-def _linear_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, weight, norm_weight, eps = inputs
-    ctx.save_for_backward(x, weight, norm_weight)
-    ctx.eps = eps
-
-
-def _linear_backward(ctx: Any, grad: torch.Tensor) -> tuple:
-    x, weight, norm_weight = ctx.saved_tensors
-    gx, gw, gg = torch.ops.mmfree.ternary_linear_backward(grad.contiguous(), x, weight, norm_weight, ctx.eps)
-    return gx, gw, gg, None
-
-
 def _packed_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
     x, packed, w_scale, norm_weight, eps = inputs
     ctx.save_for_backward(x, packed, w_scale, norm_weight)
@@ -219,5 +220,21 @@ def _packed_backward(ctx: Any, grad: torch.Tensor) -> tuple:
     return gx, None, None, gg, None
 
 
-torch.library.register_autograd("mmfree::ternary_linear", _linear_backward, setup_context=_linear_setup_context)
+# mmfree::ternary_linear's autograd kernel is the once-per-step BitLinear (ops/bitlinear.py):
+# under autograd the op runs mmfree::bitlinear_forward, which saves the packed weight and the
+# int8 activations, and its backward mmfree::bitlinear_backward (dX exact unless
+# MMFREE_BITLINEAR_DX=int8). The values and gradients are those of ternary_linear +
+# ternary_linear_backward bit for bit (tests/test_bitlinear.py); ternary_linear_backward
+# stays a public op. An Autograd-key kernel rather than register_autograd, because the
+# forward must return the saved tensors, which ternary_linear's schema cannot.
+_AUTOGRAD_LIB = torch.library.Library("mmfree", "IMPL")  # kept alive: owns the kernel
+
+
+def _ternary_linear_autograd(
+    x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    return bitlinear(x, weight, norm_weight, eps)
+
+
+_AUTOGRAD_LIB.impl("ternary_linear", _ternary_linear_autograd, "Autograd")
 torch.library.register_autograd("mmfree::ternary_linear_packed", _packed_backward, setup_context=_packed_setup_context)

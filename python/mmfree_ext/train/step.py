@@ -25,11 +25,21 @@ LossFn = Callable[[nn.Module, Tensor, Tensor, Tensor | None], Tensor]
 
 
 def lm_loss_sum(model: nn.Module, input_ids: Tensor, labels: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
-    """Summed next-token cross entropy (fp32) over the targets that are not ``-100``."""
-    logits = model(input_ids, cu_seqlens=cu_seqlens).logits
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
+    """Summed next-token cross entropy (fp32) over the targets that are not ``-100``.
+
+    ``labels`` are aligned with the positions. A latent model forms the loss with the fused
+    lm_head + cross-entropy op (no [B*T, V] logits); the op's mean is scaled back to a sum
+    (0 for a micro-batch without targets, as ``reduction="sum"`` gives)."""
+    out = model(input_ids, labels=labels, shift_labels=False, cu_seqlens=cu_seqlens)
+    if out.logits is not None:  # packed model: the loss came from its logits
+        return F.cross_entropy(
+            out.logits.reshape(-1, out.logits.shape[-1]).float(),
+            labels.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
+    n = (labels != IGNORE).sum()
+    return torch.where(n > 0, out.loss * n, torch.zeros_like(out.loss))
 
 
 def build_optimizer(

@@ -7,6 +7,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/norm/norm_row_io.h"
 #include "cpu/norm/norm_rows.h"
+#include "cpu/norm/norm_serial.h"
 #include "cpu/parallel.h"
 #include "norm.h"
 
@@ -93,6 +94,25 @@ void rms_norm_swish_gate_quant(const RmsNormSwishGateParams& p) {
     rows(p, w32, nw32, scratch.data(), r0, r1);
   });
 }
+
+namespace norm_serial {
+
+void rms_norm_quant(const RmsNormQuantParams& p, const float* w32) {
+  if (p.rows == 0 || p.k == 0) return;
+  MMFREE_NORM_PICK(quant)(p, w32, 0, p.rows);
+}
+
+void rms_norm(const RmsNormParams& p, const float* w32) {
+  if (p.rows == 0 || p.k == 0) return;
+  MMFREE_NORM_PICK(rms_norm)(p, w32, 0, p.rows);
+}
+
+void rms_norm_swish_gate_quant(const RmsNormSwishGateParams& p, const float* w32, const float* nw32, float* scratch) {
+  if (p.rows == 0 || p.k == 0) return;
+  MMFREE_NORM_PICK(swish_gate_quant)(p, w32, nw32, scratch, 0, p.rows);
+}
+
+}  // namespace norm_serial
 
 }  // namespace cpu
 }  // namespace mmfree

@@ -155,7 +155,14 @@ MMFREE_NORM_INLINE typename VT::V exp_approx(typename VT::V x) {
 // silu(h) = h * sigmoid(h), sigmoid = 1/(1+exp(-h)) (the reference's two roundings).
 template <class VT>
 MMFREE_NORM_INLINE typename VT::V silu(typename VT::V h) {
-  const typename VT::V e = exp_approx<VT>(VT::sub(VT::zero(), h));
+  using V = typename VT::V;
+  const V nh = VT::sub(VT::zero(), h);
+  // exp_approx clamps its input; scale by 1 + what lies past the clamp (exactly 1 below it)
+  // so that exp overflows to inf from -h ~ 89 on, as expf does at 88.7: silu(-inf) = -inf * 0
+  // = NaN and silu(-1e30) = -0 as in the reference (not -inf and -1e30 * exp(-88.3)).
+  const V top = VT::set1(88.3f);
+  const V over = VT::add(VT::set1(1.0f), VT::sub(VT::max(nh, top), top));
+  const V e = VT::mul(exp_approx<VT>(nh), over);
   return VT::mul(h, VT::div(VT::set1(1.0f), VT::add(VT::set1(1.0f), e)));
 }
 
@@ -169,8 +176,17 @@ MMFREE_NORM_INLINE typename VT::V quant_code(typename VT::V xn, typename VT::V s
 template <class VT, class Xn>
 void quantize_row(int64_t k, const Xn& xn, int8_t* q, float* scale) {
   using V = typename VT::V;
-  const V m = reduce4<VT, true>(k, xn, [](V a, V v) { return VT::max(a, VT::abs(v)); });
-  const float amax = fmax_(VT::hmax(m), 1e-5f);
+  // min(|v|, inf) turns a NaN into +inf (min returns its second operand when one is NaN,
+  // on every ISA here), so the max keeps it: a plain max would drop a NaN met early.
+  const V inf = VT::set1(__builtin_inff());
+  const V m = reduce4<VT, true>(k, xn, [&](V a, V v) { return VT::max(a, VT::min(VT::abs(v), inf)); });
+  float amax = VT::hmax(m);
+  if (!(amax < __builtin_inff())) {  // a NaN or inf in the row: codes 0, scale NaN (docs/numerics.md)
+    std::memset(q, 0, static_cast<size_t>(k));
+    *scale = __builtin_nanf("");
+    return;
+  }
+  amax = fmax_(amax, 1e-5f);
   const V s = VT::set1(127.0f / amax);
   for_vecs<VT>(k, [&](int64_t i, int64_t n) { store_i8_n<VT>(q + i, quant_code<VT>(xn(i, n), s), n); });
   *scale = amax / 127.0f;

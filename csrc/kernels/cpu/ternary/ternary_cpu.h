@@ -31,6 +31,38 @@ void matmul_rows_scalar(const TernaryMatmulParams& p, const PreparedX& px, int64
 void matmul_rows_avx2(const TernaryMatmulParams& p, const PreparedX& px, int64_t n0, int64_t n1);
 void matmul_rows_avx512(const TernaryMatmulParams& p, const PreparedX& px, int64_t n0, int64_t n1);
 
+// GEMV paths (M < kGemvMaxM): the VNNI mask trick of ternary_gemv_avx512.cpp. The AVX-512
+// one reads activations prepared by gemv_prepare_x512 (gemv_x512_bytes(K) bytes per row,
+// 64-byte aligned); the 256-bit one reads the natural padded rows.
+constexpr int64_t kGemvMaxM = 4;
+int64_t gemv_x512_bytes(int64_t k);
+void gemv_prepare_x512(const int8_t* x, int64_t k, int8_t* xp);
+void gemv_rows_avx512(const TernaryMatmulParams& p, const PreparedX& px, int64_t n0, int64_t n1);
+void gemv_rows_avxvnni(const TernaryMatmulParams& p, const PreparedX& px, int64_t n0, int64_t n1);
+
+// The body that computes output rows [n0, n1) for M activation rows on the active path,
+// and the activation layout it reads (prepared once per call by prepare_x_row).
+using RowsFn = void (*)(const TernaryMatmulParams& p, const PreparedX& px, int64_t n0, int64_t n1);
+enum class XLayout : int { kPadded = 0, kGemv512 = 1, kAmx = 2 };
+struct RowsPlan {
+  RowsFn body;
+  XLayout layout;
+};
+RowsPlan plan_rows(int64_t m);
+// Bytes of one prepared activation row (a multiple of 64); prepare_x_row writes it (zeros
+// beyond K) and returns the exact row sum.
+int64_t prepared_row_bytes(XLayout layout, int64_t k);
+int32_t prepare_x_row(XLayout layout, const int8_t* x, int64_t k, int8_t* dst);
+
+// AMX-INT8 path (M >= kAmxMinM, ternary_matmul_amx.cpp): the activations in the VNNI tile
+// layout, rows padded to a multiple of 32 (amx_x_bytes), written for rows [m0, m1) of the
+// padded count by amx_prepare_x; px.kp is K rounded up to 128.
+constexpr int64_t kAmxMinM = 16;
+int64_t amx_x_bytes(int64_t m, int64_t kp);
+void amx_prepare_x(const int8_t* x, int64_t stride, int64_t m, int64_t k, int64_t kp, int64_t m0, int64_t m1,
+                   int8_t* xv);
+void matmul_rows_amx(const TernaryMatmulParams& p, const PreparedX& px, int64_t n0, int64_t n1);
+
 // Rows of activations per block in the GEMM path, so a block of x stays in L2.
 int64_t gemm_row_block(int64_t kp);
 
@@ -39,6 +71,9 @@ int64_t gemm_row_block(int64_t kp);
 constexpr int64_t kTPanelCols = 128;
 void matmul_t_tile_scalar(const TernaryMatmulTParams& p, int64_t m0, int64_t m1, int64_t k0, int64_t k1);
 void matmul_t_tile_avx2(const TernaryMatmulTParams& p, int64_t m0, int64_t m1, int64_t k0, int64_t k1);
+// AMX-BF16 path (M >= kAmxMinM, ternary_matmul_t_amx.cpp): the whole product, its own tiling
+// (grad split into three exact bf16 terms; see the file comment for the rounding differences).
+void matmul_t_amx_bf16(const TernaryMatmulTParams& p);
 
 }  // namespace ternary_detail
 }  // namespace cpu

@@ -75,43 +75,119 @@ void matmul_rows_scalar(const TernaryMatmulParams& p, const PreparedX& px, int64
   }
 }
 
+int64_t gemv_x512_bytes(int64_t k) { return (ternary::blocks_per_row(k) + 1) / 2 * 256; }
+
+RowsPlan plan_rows(int64_t m) {
+  const Isa isa = active_isa();
+  (void)isa;
+  (void)m;
+#if defined(MMFREE_HAVE_AVX512_KERNELS)
+  if (isa == Isa::kAvx512) {
+    if (m < kGemvMaxM && use_vnni512()) return {&gemv_rows_avx512, XLayout::kGemv512};
+#if defined(MMFREE_HAVE_AMX_KERNELS)
+    if (m >= kAmxMinM && use_amx_int8()) return {&matmul_rows_amx, XLayout::kAmx};
+#endif
+    return {&matmul_rows_avx512, XLayout::kPadded};
+  }
+#endif
+#if defined(MMFREE_HAVE_AVX2_KERNELS)
+  if (isa >= Isa::kAvx2) {
+    if (m < kGemvMaxM && use_vnni256()) return {&gemv_rows_avxvnni, XLayout::kPadded};
+    return {&matmul_rows_avx2, XLayout::kPadded};
+  }
+#endif
+  return {&matmul_rows_scalar, XLayout::kPadded};
+}
+
+int64_t prepared_row_bytes(XLayout layout, int64_t k) {
+  if (layout == XLayout::kGemv512) return gemv_x512_bytes(k);
+  return ternary::blocks_per_row(k) * ternary::kBlockWeights;
+}
+
+int32_t prepare_x_row(XLayout layout, const int8_t* x, int64_t k, int8_t* dst) {
+  int32_t s = 0;
+  for (int64_t i = 0; i < k; ++i) s += x[i];
+#if defined(MMFREE_HAVE_AVX512_KERNELS)
+  if (layout == XLayout::kGemv512) {
+    gemv_prepare_x512(x, k, dst);
+    return s;
+  }
+#endif
+  const int64_t kp = prepared_row_bytes(XLayout::kPadded, k);
+  std::memcpy(dst, x, static_cast<size_t>(k));
+  std::memset(dst + k, 0, static_cast<size_t>(kp - k));
+  return s;
+}
+
 }  // namespace ternary_detail
 
 void ternary_matmul(const TernaryMatmulParams& p) {
   using namespace ternary_detail;
   if (p.M <= 0 || p.N <= 0) return;
+  const RowsPlan plan = plan_rows(p.M);
   const int64_t kp = ternary::blocks_per_row(p.K) * ternary::kBlockWeights;
+  const int64_t row_bytes_x = prepared_row_bytes(plan.layout, p.K);
 
-  // Pad rows to Kp with zeros unless they already are a multiple of 128 long. Row sums are
-  // exact int32 (|sum| <= 128 * K).
-  std::vector<int8_t> padded;
-  std::vector<int32_t> row_sum(static_cast<size_t>(p.M));
+  // Activations: used in place when already padded rows of the padded layout, else
+  // prepared (padded with zeros / reordered for the GEMV). Decode-sized buffers (<= 1 MiB)
+  // are per-thread and kept between calls, so a decode step allocates nothing here.
+  // Row sums are exact int32 (|sum| <= 128 * K).
+  constexpr size_t kKeepBytes = size_t{1} << 20;
+  thread_local std::vector<int8_t> keep_x;
+  thread_local std::vector<int32_t> keep_sums;
+  std::vector<int8_t> big_x;
+  std::vector<int32_t> big_sums;
+  const size_t x_bytes = static_cast<size_t>(p.M * row_bytes_x + 64);
+  std::vector<int8_t>& xbuf = x_bytes <= kKeepBytes ? keep_x : big_x;
+  std::vector<int32_t>& row_sum = x_bytes <= kKeepBytes ? keep_sums : big_sums;
+  row_sum.resize(static_cast<size_t>(p.M));
+  const bool in_place = plan.layout == XLayout::kPadded && kp == p.K;
   PreparedX px{p.x_q, p.x_row_stride, kp, row_sum.data()};
-  if (kp != p.K) {
-    padded.assign(static_cast<size_t>(p.M * kp), 0);
-    px.x = padded.data();
-    px.stride = kp;
+  if (plan.layout == XLayout::kAmx) {
+#if defined(MMFREE_HAVE_AMX_KERNELS)
+    const int64_t mpad = (p.M + 31) / 32 * 32;
+    std::vector<int8_t> xv(static_cast<size_t>(amx_x_bytes(p.M, kp) + 64));
+    int8_t* base = xv.data() + ((64 - reinterpret_cast<uintptr_t>(xv.data()) % 64) % 64);
+    int32_t* sums = row_sum.data();
+    parallel_for(0, mpad, std::max<int64_t>(16, 65536 / kp), [&](int64_t m0, int64_t m1) {
+      amx_prepare_x(p.x_q, p.x_row_stride, p.M, p.K, kp, m0, m1, base);
+      for (int64_t m = m0; m < std::min(m1, p.M); ++m) {
+        const int8_t* src = p.x_q + m * p.x_row_stride;
+        int32_t s = 0;
+        for (int64_t k = 0; k < p.K; ++k) s += src[k];
+        sums[m] = s;
+      }
+    });
+    const PreparedX pa{base, kp, kp, sums};
+    // Blocks of 32 weight rows per task (the AMX tile block).
+    parallel_for(0, (p.N + 31) / 32, 4, [&](int64_t t0, int64_t t1) {
+      matmul_rows_amx(p, pa, t0 * 32, std::min(p.N, t1 * 32));
+    });
+    return;
+#endif
   }
+  if (!in_place) {
+    if (xbuf.size() < x_bytes) xbuf.resize(x_bytes);
+    int8_t* base = xbuf.data() + ((64 - reinterpret_cast<uintptr_t>(xbuf.data()) % 64) % 64);
+    px.x = base;
+    px.stride = row_bytes_x;
+  }
+  int32_t* sums = row_sum.data();
+  int8_t* xdst = const_cast<int8_t*>(px.x);
   parallel_for(0, p.M, std::max<int64_t>(1, 65536 / kp), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const int8_t* src = p.x_q + m * p.x_row_stride;
-      if (kp != p.K) std::memcpy(padded.data() + m * kp, src, static_cast<size_t>(p.K));
-      int32_t s = 0;
-      for (int64_t k = 0; k < p.K; ++k) s += src[k];
-      row_sum[static_cast<size_t>(m)] = s;
+      if (in_place) {
+        int32_t s = 0;
+        for (int64_t k = 0; k < p.K; ++k) s += src[k];
+        sums[m] = s;
+      } else {
+        sums[m] = prepare_x_row(plan.layout, src, p.K, xdst + m * row_bytes_x);
+      }
     }
   });
 
-  auto body = &matmul_rows_scalar;
-  switch (active_isa()) {
-#if defined(MMFREE_HAVE_AVX512_KERNELS)
-    case Isa::kAvx512: body = &matmul_rows_avx512; break;
-#endif
-#if defined(MMFREE_HAVE_AVX2_KERNELS)
-    case Isa::kAvx2: body = &matmul_rows_avx2; break;
-#endif
-    default: break;
-  }
+  const auto body = plan.body;
   // Grain: enough rows that a task reads >= 64 KiB of weights (and at least 4 rows, the
   // GEMM tile), so small layers do not pay for thread wake-ups.
   const int64_t rb = ternary::row_bytes(p.K);

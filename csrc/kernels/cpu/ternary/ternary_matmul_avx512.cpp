@@ -174,7 +174,7 @@ void rows(const TernaryMatmulParams& p, const PreparedX& px, int64_t n0, int64_t
 }  // namespace
 
 void matmul_rows_avx512(const TernaryMatmulParams& p, const PreparedX& px, int64_t n0, int64_t n1) {
-  if (cpu_features().avx512vnni) {
+  if (use_vnni512()) {
     rows<true>(p, px, n0, n1);
   } else {
     rows<false>(p, px, n0, n1);

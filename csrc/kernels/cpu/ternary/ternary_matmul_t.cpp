@@ -44,6 +44,12 @@ void ternary_matmul_t(const TernaryMatmulTParams& p) {
     std::memset(p.out, 0, sizeof(float) * static_cast<size_t>(p.M * p.K));
     return;
   }
+#if defined(MMFREE_HAVE_AMX_KERNELS)
+  if (p.M >= kAmxMinM && use_amx_bf16()) {
+    matmul_t_amx_bf16(p);
+    return;
+  }
+#endif
   auto body = &matmul_t_tile_scalar;
 #if defined(MMFREE_HAVE_AVX2_KERNELS)
   if (active_isa() >= Isa::kAvx2) body = &matmul_t_tile_avx2;

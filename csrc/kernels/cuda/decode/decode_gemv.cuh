@@ -100,8 +100,10 @@ __device__ __forceinline__ void stage_codes(const GemvJob& jb, int B, int64_t K,
 }
 
 // Output rows [r0, r1) of one product for the B (<= MT) batch rows. Block-uniform control
-// flow: every thread of the CTA calls it with the same arguments.
-template <int MT, class T>
+// flow: every thread of the CTA calls it with the same arguments. Pre: the CTA wrote the
+// codes of the whole K into `xs` itself (the planes of stage_codes, rows past B arbitrary:
+// their sums are never stored) and jb.scale / jb.xsum point to shared memory.
+template <int MT, class T, bool Pre = false>
 __device__ void gemv_rows(const GemvJob& jb, int B, int64_t K, int64_t code_stride, int64_t r0, int64_t r1, int4* xs,
                           int slab_blocks) {
   constexpr int R = RowsPerWarp<MT>::value;
@@ -109,8 +111,9 @@ __device__ void gemv_rows(const GemvJob& jb, int B, int64_t K, int64_t code_stri
   const int warp = threadIdx.x >> 5;
   const int64_t rb = ternary::row_bytes(K);
   const int64_t nblocks = rb / ternary::kBlockBytes;
+  if (Pre) slab_blocks = static_cast<int>(nblocks);
   const bool one_slab = nblocks <= slab_blocks;
-  if (one_slab) stage_codes<MT>(jb, B, K, code_stride, 0, static_cast<int>(nblocks) * 2, xs);
+  if (one_slab && !Pre) stage_codes<MT>(jb, B, K, code_stride, 0, static_cast<int>(nblocks) * 2, xs);
   for (int64_t base = r0; base < r1; base += static_cast<int64_t>(kWarps) * R) {
     const int64_t n0 = base + static_cast<int64_t>(warp) * R;
     int acc[R][MT];
@@ -178,7 +181,9 @@ __device__ void gemv_rows(const GemvJob& jb, int B, int64_t K, int64_t code_stri
         const int v = warp_sum_int(acc[r][m]);
         const int64_t n = n0 + r;
         if (lane == (r * MT + m) % 32 && m < B && n < r1) {
-          out[m * jb.N + n] = ternary_kernels::rescale<T>(v - __ldcg(jb.xsum + m), __ldcg(jb.scale + m), ws);
+          const int xsum = Pre ? jb.xsum[m] : __ldcg(jb.xsum + m);
+          const float xscale = Pre ? jb.scale[m] : __ldcg(jb.scale + m);
+          out[m * jb.N + n] = ternary_kernels::rescale<T>(v - xsum, xscale, ws);
         }
       }
     }
@@ -187,8 +192,10 @@ __device__ void gemv_rows(const GemvJob& jb, int B, int64_t K, int64_t code_stri
 
 // The CTA's share of a phase of `njobs` products with the same K (job(q) gives product q):
 // the rows of all of them, one after another, cut into gridDim.x contiguous ranges.
-template <int MT, class T, class JobOf>
+// Pre (see gemv_rows): product q's planes start at xs + q * MT * 4 * 2 * blocks(K).
+template <int MT, class T, bool Pre = false, class JobOf>
 __device__ void gemv_phase(JobOf job, int njobs, int B, int64_t K, int64_t code_stride, int4* xs, int slab_blocks) {
+  const int64_t planes = static_cast<int64_t>(MT) * 4 * 2 * (ternary::row_bytes(K) / ternary::kBlockBytes);
   int64_t total = 0;
   for (int q = 0; q < njobs; ++q) total += job(q).N;
   const int64_t r0 = total * blockIdx.x / gridDim.x, r1 = total * (blockIdx.x + 1) / gridDim.x;
@@ -196,7 +203,9 @@ __device__ void gemv_phase(JobOf job, int njobs, int B, int64_t K, int64_t code_
   for (int q = 0; q < njobs; ++q) {
     const GemvJob jb = job(q);
     const int64_t lo = max(r0, start), hi = min(r1, start + jb.N);
-    if (lo < hi) gemv_rows<MT, T>(jb, B, K, code_stride, lo - start, hi - start, xs, slab_blocks);
+    if (lo < hi) {
+      gemv_rows<MT, T, Pre>(jb, B, K, code_stride, lo - start, hi - start, Pre ? xs + q * planes : xs, slab_blocks);
+    }
     start += jb.N;
   }
 }

@@ -55,9 +55,20 @@ __device__ __forceinline__ void load_w(const void* w, bool f32, int64_t off, flo
 // rms_norm_quant(_multi) of the row held in `sa` (T vectors) with `nw` weight rows (w, w + k,
 // ...): codes to codes + i * code_step, scale amax / 127 and the code sum (the GEMV's offset
 // term) to scale[i * meta_step], xsum[i * meta_step]. As norm_forward.cu's quant_vec.
+// Byte offset of code k in the GEMV's shared-memory "planes" of one batch row (decode_gemv.cuh,
+// stage_codes: int4 (j, c) at j * nch + c holds codes (c / 2) * 128 + j * 32 + (c % 2) * 16
+// .. + 15), nch = 2 x the 128-weight blocks of K.
+__device__ __forceinline__ int64_t plane_offset(int64_t k, int nch) {
+  const int64_t j = (k >> 5) & 3, c = (k >> 7) * 2 + ((k >> 4) & 1);
+  return (j * nch + c) * 16 + (k & 15);
+}
+
+// `plane_nch` > 0: codes go to codes + plane_offset(k, plane_nch) (the fused product phases'
+// shared-memory planes, decode_kernel.cuh v2) instead of codes + k.
 template <class T>
 __device__ void quant_row(const uint4* sa, const RowShape& r, float eps, const void* w, bool wf32, int nw,
-                          int8_t* codes, int64_t code_step, float* scale, int* xsum, int64_t meta_step, float* red) {
+                          int8_t* codes, int64_t code_step, float* scale, int* xsum, int64_t meta_step, float* red,
+                          int plane_nch = 0) {
   constexpr int N = norm::VecOf<T>::N;
   float ss = 0.f;
 #pragma unroll
@@ -82,10 +93,10 @@ __device__ void quant_row(const uint4* sa, const RowShape& r, float eps, const v
         norm::unpack<T, N>(sa[vi], f);
         load_w<T, N>(wr, wf32, vi * N, wf);
 #pragma unroll
-        for (int i = 0; i < N; ++i) amax = fmaxf(amax, fabsf((f[i] * rstd) * wf[i]));
+        for (int i = 0; i < N; ++i) amax = norm::amax_fold(amax, (f[i] * rstd) * wf[i]);  // NaN-sticky
       }
     }
-    amax = fmaxf(norm::block_max(amax, red), 1e-5f);
+    amax = norm::amax_final(norm::block_max(amax, red));  // NaN/inf row: codes 0, scale NaN
     const float s = 127.0f / amax;
     int8_t* qr = codes + pw * code_step;
     int csum = 0;
@@ -102,7 +113,7 @@ __device__ void quant_row(const uint4* sa, const RowShape& r, float eps, const v
           q[i] = norm::quant_code((f[i] * rstd) * wf[i], s);
           csum += q[i];
         }
-        norm::store_codes<N>(qr + vi * N, q);
+        norm::store_codes<N>(qr + (plane_nch > 0 ? plane_offset(vi * N, plane_nch) : vi * N), q);
       }
     }
     csum = norm::block_sum(csum, reinterpret_cast<int*>(red));
@@ -113,12 +124,13 @@ __device__ void quant_row(const uint4* sa, const RowShape& r, float eps, const v
   }
 }
 
-// a = rms_norm(x, w, residual=res): res <- round(x + res) (or a copy of x without residual),
-// a (rounded to T) into `sa`. As norm_forward.cu's rms_norm_vec. `x_ro`: x is a read-only
-// input (the embedding row).
+// a = rms_norm(x, w, residual=res): res_out <- round(x + res) (or a copy of x without
+// residual; res_out null: not stored), a (rounded to T) into `sa`. As norm_forward.cu's
+// rms_norm_vec. `x_ro`: x is a read-only input (the embedding row).
 template <class T>
-__device__ void residual_norm_row(const T* x, bool x_ro, T* res, bool has_res, const void* w, bool wf32,
-                                  const RowShape& r, float eps, uint4* sx, uint4* sr, uint4* sa, float* red) {
+__device__ void residual_norm_row(const T* x, bool x_ro, const T* res, T* res_out, bool has_res, const void* w,
+                                  bool wf32, const RowShape& r, float eps, uint4* sx, uint4* sr, uint4* sa,
+                                  float* red) {
   constexpr int N = norm::VecOf<T>::N;
 #pragma unroll
   for (int j = 0; j < VPT; ++j) {  // every load of the row in flight at once
@@ -140,9 +152,9 @@ __device__ void residual_norm_row(const T* x, bool x_ro, T* res, bool has_res, c
         norm::unpack<T, N>(sr[vi], q);
 #pragma unroll
         for (int i = 0; i < N; ++i) s[i] += q[i];
-        st16(res + vi * N, norm::pack<T, N>(s));
-      } else {
-        st16(res + vi * N, sx[vi]);
+        if (res_out != nullptr) st16(res_out + vi * N, norm::pack<T, N>(s));
+      } else if (res_out != nullptr) {
+        st16(res_out + vi * N, sx[vi]);
       }
 #pragma unroll
       for (int i = 0; i < N; ++i) ss = fmaf(s[i], s[i], ss);
@@ -171,10 +183,11 @@ __device__ void residual_norm_row(const T* x, bool x_ro, T* res, bool has_res, c
 
 // The MLGRU step of one token (mlgru_scan.cu with T = 1: one time-lane, the carry scan's
 // identity maps) followed by rms_norm_swish_gate(g, h, w_gate) into `sa` (as
-// norm_forward.cu's swish_gate_vec). state (fp32) is updated in place; lb is null for
-// layer 0 (f_t = sigmoid(f)).
+// norm_forward.cu's swish_gate_vec). The new state (fp32) goes to state_out (null: not
+// stored; may be `state`); lb is null for layer 0 (f_t = sigmoid(f)).
 template <class T>
-__device__ void mlgru_gate_row(const T* gi, const T* gf, const T* gg, const float* lb, float* state,
+__device__ void mlgru_gate_row(const T* gi, const T* gf, const T* gg, const float* lb, const float* state,
+                               float* state_out,
                                const void* w_gate, bool wf32, const RowShape& r, float eps, uint4* sg, uint4* sh,
                                uint4* sa, float* red) {
   constexpr int N = norm::VecOf<T>::N;
@@ -202,7 +215,7 @@ __device__ void mlgru_gate_row(const T* gi, const T* gf, const T* gg, const floa
         const float A = ft[i] * 1.0f;
         b = fmaf(1.0f, b, 0.0f);
         const float state_in = fmaf(1.0f, carry[i], 0.0f);
-        state[vi * N + i] = fmaf(A, carry[i], b);
+        if (state_out != nullptr) state_out[vi * N + i] = fmaf(A, carry[i], b);
         h[i] = fmaf(ft[i], state_in, c[i]);
       }
       sh[vi] = norm::pack<T, N>(h);

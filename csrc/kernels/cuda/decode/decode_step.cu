@@ -17,6 +17,11 @@
 // rows of the phase (decode_gemv.cuh). Every product phase first issues L2 prefetches of the
 // CTA's rows of the NEXT product phase: weights do not depend on activations, so DRAM keeps
 // streaming through the row phases and barriers. Activations live in a small workspace (L2).
+//
+// That is v1 (batches 2..64 now). v2 (decode_kernel.cuh, decode_step_kernel_v2; batches up
+// to kV2MaxBatch = 1, where it measured faster, and where its shared memory fits) has no row
+// phases: every CTA does the row math of every batch row at the start of each product phase,
+// codes straight into its shared memory, so a layer is 4 phases and 4 grid barriers, not 8.
 #include <algorithm>
 #include <cstdint>
 
@@ -83,6 +88,8 @@ cudaError_t decode_step(const DecodeStepParams& p, void* workspace, cudaStream_t
   k.eps = p.eps;
   k.bar = reinterpret_cast<unsigned*>(ws + w.bar);
   k.xres = ws + w.xres;
+  k.xres2 = ws + w.xres2;
+  k.snew = reinterpret_cast<float*>(ws + w.snew);
   k.delta = ws + w.delta;
   k.ifg = ws + w.ifg;
   k.attn = ws + w.attn;

@@ -32,6 +32,20 @@ __device__ __forceinline__ void sigmoid2(float y, float& sg, float& one_minus_sg
   one_minus_sg = e * sg;
 }
 
+// sigmoid of the input gate: sigmoid2, except that past the exponent cap sigmoid(x) keeps
+// shrinking (divided by what lies past the cap), so that silu(-1e30) = -0 and silu(-inf) =
+// -inf * 0 = NaN as in the reference and the CPU kernels (not -3e-9 and -inf). Nothing
+// changes for x >= -88.
+template <bool kFast>
+__device__ __forceinline__ void input_sigmoid2(float x, float& s, float& one_minus_s) {
+  float a = -x;
+  a = a > 88.0f ? 88.0f : a;
+  const float e = exp_<kFast>(a);
+  s = recip_1p<kFast>(e);
+  if (x < -88.0f) s = s / (1.0f + (-88.0f - x));
+  one_minus_s = e * s;
+}
+
 // Gates of one token for V channels: f_t and c_t (c = 0 where masked or out of range).
 template <bool kFast, int V>
 __device__ __forceinline__ void gate_token(const float (&xi)[V], const float (&xf)[V], const float (&lb)[V],
@@ -41,7 +55,7 @@ __device__ __forceinline__ void gate_token(const float (&xi)[V], const float (&x
   for (int k = 0; k < V; ++k) {
     float sg, omsg, si, omsi;
     sigmoid2<kFast>(xf[k], sg, omsg);
-    sigmoid2<kFast>(xi[k], si, omsi);
+    input_sigmoid2<kFast>(xi[k], si, omsi);
     const float f_t = lb[k] + omlb[k] * sg;
     const float cc = xi[k] * si * (omlb[k] * omsg);
     ft[k] = in_range ? f_t : 1.0f;

@@ -195,7 +195,7 @@ __device__ __forceinline__ void token_backward(const float (&xi)[V], const float
   for (int k = 0; k < V; ++k) {
     float sg, omsg, si, omsi;
     sigmoid2<kFast>(xf[k], sg, omsg);
-    sigmoid2<kFast>(xi[k], si, omsi);
+    input_sigmoid2<kFast>(xi[k], si, omsi);
     const float delta = gh[k] + e[k];
     const float silu = valid ? xi[k] * si : 0.0f;
     const float dsilu = si * (1.0f + xi[k] * omsi);

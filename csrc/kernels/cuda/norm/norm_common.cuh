@@ -57,11 +57,20 @@ __device__ __forceinline__ void load_weights(const TW* p, float (&f)[N]) {
 // Round to T's precision and back (the fused gate stores nothing: it rounds in registers).
 template <class T> __device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
 
-// round half away from zero (CUDA roundf), clamped to int8.
+// round half away from zero (CUDA roundf), clamped to int8; a NaN (a row with a NaN or
+// inf, where amax_final gave s = NaN) codes as 0 (docs/numerics.md).
 __device__ __forceinline__ int quant_code(float xn, float s) {
   const float r = roundf(xn * s);
-  return static_cast<int>(fminf(fmaxf(r, -128.0f), 127.0f));
+  return r != r ? 0 : static_cast<int>(fminf(fmaxf(r, -128.0f), 127.0f));
 }
+
+// One |v| into a row max. fminf(NaN, inf) is inf, and max keeps an inf: a NaN anywhere in
+// the row survives the reduction (fmaxf alone returns the non-NaN operand and drops it).
+__device__ __forceinline__ float amax_fold(float amax, float v) { return fmaxf(amax, fminf(fabsf(v), INFINITY)); }
+
+// The reduced row max as the quantization uses it: clamped to 1e-5, or NaN for a row that
+// held a NaN or inf (then every code is 0 and x_scale = NaN, as in the reference).
+__device__ __forceinline__ float amax_final(float amax) { return amax < INFINITY ? fmaxf(amax, 1e-5f) : __int_as_float(0x7fc00000); }
 
 template <int N>
 __device__ __forceinline__ void store_codes(int8_t* p, const int (&q)[N]) {

@@ -60,10 +60,10 @@ __global__ void __launch_bounds__(kMaxThreads) quant_vec(const T* __restrict__ x
           unpack<T, N>(raw[j], f);
           load_weights<TW, N>(wr + vi * N, wf);
 #pragma unroll
-          for (int i = 0; i < N; ++i) amax = fmaxf(amax, fabsf((f[i] * rstd) * wf[i]));
+          for (int i = 0; i < N; ++i) amax = amax_fold(amax, ((f[i] * rstd) * wf[i]));
         }
       }
-      amax = fmaxf(block_max(amax, smem), 1e-5f);
+      amax = amax_final(block_max(amax, smem));
       const float s = 127.0f / amax;
       int8_t* qr = xq + (pw * rows + row) * k;
 #pragma unroll
@@ -100,9 +100,9 @@ __global__ void quant_generic(const T* __restrict__ x, const void* __restrict__ 
     for (int64_t pw = 0; pw < num_w; ++pw) {
       float amax = 0.f;
       for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
-        amax = fmaxf(amax, fabsf((load_as<T, float>(xr, i) * rstd) * load_any<float>(w, wt, pw * k + i)));
+        amax = amax_fold(amax, ((load_as<T, float>(xr, i) * rstd) * load_any<float>(w, wt, pw * k + i)));
       }
-      amax = fmaxf(block_max(amax, smem), 1e-5f);
+      amax = amax_final(block_max(amax, smem));
       const float s = 127.0f / amax;
       int8_t* qr = xq + (pw * rows + row) * k;
       for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
@@ -264,10 +264,10 @@ __global__ void __launch_bounds__(kMaxThreads)
           unpack<T, N>(rg[j], f);
           load_weights<TW, N>(nw + vi * N, wf);
 #pragma unroll
-          for (int i = 0; i < N; ++i) amax = fmaxf(amax, fabsf((f[i] * rstd2) * wf[i]));
+          for (int i = 0; i < N; ++i) amax = amax_fold(amax, ((f[i] * rstd2) * wf[i]));
         }
       }
-      amax = fmaxf(block_max(amax, smem), 1e-5f);
+      amax = amax_final(block_max(amax, smem));
       const float s = 127.0f / amax;
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
@@ -337,9 +337,9 @@ __global__ void swish_gate_quant_generic(const T* __restrict__ g, const T* __res
     const float rstd2 = rstd_of(block_sum(ss2, smem), k, norm_eps);
     float amax = 0.f;
     for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
-      amax = fmaxf(amax, fabsf((gate(i) * rstd2) * load_any<float>(nw, nwt, i)));
+      amax = amax_fold(amax, ((gate(i) * rstd2) * load_any<float>(nw, nwt, i)));
     }
-    amax = fmaxf(block_max(amax, smem), 1e-5f);
+    amax = amax_final(block_max(amax, smem));
     const float s = 127.0f / amax;
     for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
       xq[off + i] = static_cast<int8_t>(quant_code((gate(i) * rstd2) * load_any<float>(nw, nwt, i), s));

@@ -61,7 +61,8 @@ __global__ void finish_scale(const double* __restrict__ partial, int nparts, int
   const double total = block_sum(s, smem);
   if (threadIdx.x == 0) {
     const float mean = n > 0 ? static_cast<float>(total / static_cast<double>(n)) : 0.f;
-    *scale = fmaxf(mean, 1e-5f);
+    // As std::max on the CPU: a NaN mean stays NaN (fmaxf would drop it and give 1e-5).
+    *scale = mean < 1e-5f ? 1e-5f : mean;
   }
 }
 
