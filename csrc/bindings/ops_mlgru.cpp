@@ -93,7 +93,7 @@ ScanArgs check_scan_args(const Tensor& i, const Tensor& f, const std::optional<T
                  "mmfree: argument 'mask' must be bool, integer or floating, got ", ms);
     // to(bool) is m != 0 (NaN counts as set, as ne(0) does).
     const Tensor b = contig(to(m, kBool));
-    a.mask_u8 = torch::stable::reshape(torch::stable::view(b, kByte), {a.seqs.tokens});
+    a.mask_u8 = torch::stable::reshape(view_dtype(b, kByte), {a.seqs.tokens});
   }
   return a;
 }

@@ -127,6 +127,10 @@ inline Tensor narrowed(const Tensor& t, int64_t dim, int64_t start, int64_t leng
   return torch::stable::narrow(view, dim, start, length);
 }
 
+// t.view(dtype) (torch::stable::view(t, dtype) is missing from the torch 2.13 headers: called
+// by name, so the bindings build against every torch >= 2.11).
+inline Tensor view_dtype(const Tensor& t, ScalarType dtype);
+
 inline std::vector<int64_t> sizes_vec(const Tensor& t) {
   const IntArrayRef s = t.sizes();
   return std::vector<int64_t>(s.begin(), s.end());
@@ -164,6 +168,8 @@ template <typename... Args>
 Tensor call_tensor_op(const char* op, const char* overload, const Args&... args) {
   return take(call_op<1>(op, overload, args...)[0]);
 }
+
+inline Tensor view_dtype(const Tensor& t, ScalarType dtype) { return call_tensor_op("aten::view", "dtype", t, dtype); }
 
 // The aten ops the bindings use beyond torch/csrc/stable/ops.h.
 namespace aten {
