@@ -105,15 +105,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bitlinear_forward_imp
 
 // Per-row absmax int8 quantization of g [M, N]: q = round(g / s) in [-127, 127], s = max|g| / 127
 // (an all-zero row gets s = 1 and q = 0). Row blocks bound the fp32 temporary to ~64 MiB.
-// The Scalar arguments of the original (amax > 0, amax / 127.0, clamp_(-127, 127)) are 0-dim
-// fp32 CPU tensors (cpu_scalar): the stable dispatcher call takes no Scalar, and a CPU 0-dim
-// operand takes the same TensorIterator paths as a Python scalar on either device.
+// The Scalar arguments of the original (amax > 0, amax / 127.0, clamp_(-127, 127)) become 0-dim
+// fp32 tensors (the stable dispatcher call takes no Scalar). The divisor is a CPU one
+// (cpu_scalar): binary ops take a CPU 0-dim operand as a scalar on every device, down the
+// same kernel path as a Python scalar (on CUDA: multiply by the reciprocal), so the scales
+// are the bits the original computed. The others sit on g's device: ternary ops (where,
+// clamp) take no CPU operand with CUDA tensors, and their results are exact either way.
 TensorPair quantize_rows_int8(const Tensor& g) {
   const int64_t m = g.size(0), n = g.size(1);
   Tensor q = empty({m, n}, kChar, g);
   Tensor scale = empty({m}, kFloat, g);
-  const Tensor zero = cpu_scalar(0.0, kFloat), one = cpu_scalar(1.0, kFloat), s127 = cpu_scalar(127.0, kFloat),
-               lo = cpu_scalar(-127.0, kFloat), hi = cpu_scalar(127.0, kFloat);
+  const Tensor s127 = cpu_scalar(127.0, kFloat);
+  const Tensor zero = scalar_tensor(0.0, kFloat, g), one = scalar_tensor(1.0, kFloat, g),
+               lo = scalar_tensor(-127.0, kFloat, g), hi = scalar_tensor(127.0, kFloat, g);
   const int64_t rows = std::max<int64_t>(1, (int64_t{16} << 20) / std::max<int64_t>(n, 1));
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t r = std::min(rows, m - r0);

@@ -373,10 +373,11 @@ std::tuple<Tensor, Tensor, Tensor> norm_and_input_backward(const Tensor& grad_ou
     return {torch::stable::reshape(dx, x.sizes()), dg, g2};
   }
   Tensor dxn = ternary_matmul_t_impl(g2, packed, w_scale, k);
-  // fp32 aten ops; k and eps are 0-dim fp32 tensors (no Scalar arguments in the stable ABI).
+  // fp32 aten ops; k and eps are 0-dim fp32 CPU tensors (no Scalar arguments in the stable
+  // ABI; a CPU 0-dim operand of a binary op takes the Python-scalar path on every device).
   const Tensor x2 = to(torch::stable::reshape(x, {-1, k}), kFloat);
-  const Tensor kt = scalar_tensor(static_cast<double>(k), kFloat, x2);
-  const Tensor epst = scalar_tensor(eps, kFloat, x2);
+  const Tensor kt = cpu_scalar(static_cast<double>(k), kFloat);
+  const Tensor epst = cpu_scalar(eps, kFloat);
   const Tensor rstd = aten::rsqrt(aten::add(aten::div(aten::sum_keepdim(aten::mul(x2, x2), -1), kt), epst));
   const Tensor xhat = aten::mul(x2, rstd);
   Tensor dg = aten::sum0(aten::mul(dxn, xhat));

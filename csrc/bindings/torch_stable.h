@@ -107,9 +107,10 @@ inline Tensor scalar_tensor(double v, ScalarType dtype, const Tensor& like) {
   return torch::stable::full({}, v, dtype, std::nullopt, like.device());
 }
 
-// A 0-dim CPU tensor holding v: the stand-in for a Python scalar operand of an elementwise
-// op (TensorIterator treats a CPU 0-dim operand as a scalar on every device, as it does the
-// wrapped number a Scalar argument becomes).
+// A 0-dim CPU tensor holding v: the stand-in for a Scalar operand of a *binary* elementwise
+// op (TensorIterator treats a CPU 0-dim operand of a binary op as a scalar on every device,
+// as it does the wrapped number a Scalar argument becomes). Ternary ops (clamp.Tensor,
+// addcmul) refuse a CPU operand next to CUDA tensors: give them scalar_tensor(v, dtype, like).
 inline Tensor cpu_scalar(double v, ScalarType dtype) {
   return torch::stable::full({}, v, dtype, std::nullopt, Device(torch::headeronly::DeviceType::CPU));
 }
