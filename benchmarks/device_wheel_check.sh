@@ -3,6 +3,14 @@
 # 2.14 (stable ABI, target 2.11) installs into this machine's system python3 (torch 2.11)
 # and passes the CUDA tests, run from outside the source tree against the installed wheel.
 #
+# Preparing it on the CPU machine (a cp312 wheel: the GPU machine's python3 is 3.12):
+#   rm -rf /work/main/.devscratch/abi2
+#   make wheel VENV=/work/wt/abi-py312-venv DIST=/work/main/.devscratch/abi2/whl   # torch 2.14 there
+#   cp -r tests pyproject.toml /work/main/.devscratch/abi2/
+#   mkdir -p /work/main/.devscratch/abi2/benchmarks && cp benchmarks/device_wheel_check.sh "$_"
+# then on the device (carry .devscratch/abi2):
+#   cd .devscratch/abi2 && PYTEST_TIMEOUT=300 bash benchmarks/device_wheel_check.sh whl
+#
 # Usage (from a directory holding tests/ and pyproject.toml: the repository root, or a copy):
 #   bash benchmarks/device_wheel_check.sh <dir holding mmfree_ext-*-cp312-*.whl> [pytest args...]
 # Env: OUT (where the log, JUnit XML and counts go; a temp dir if unset), PYTEST_TIMEOUT
