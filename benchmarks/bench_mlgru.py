@@ -1,6 +1,7 @@
 """MLGRU scan benchmark: mmfree mlgru_scan against the unfused PyTorch composite and fla-core.
 
 Run: python benchmarks/bench_mlgru.py --device cuda --json out.json
+(``--quick``: only the issue-12 target shapes, ours against fla chunk_hgrn, no composite.)
 Bytes counted: forward reads i, f and writes h (3 tensors); forward+backward adds the
 backward's floor (reads i, f, grad_h, writes grad_i, grad_f): 8 tensors. fla-core's
 ``chunk_hgrn`` / ``fused_recurrent_hgrn`` (if importable) get their gating done in PyTorch,
@@ -41,12 +42,17 @@ def _fla_gates(i: torch.Tensor, f: torch.Tensor, lb: torch.Tensor) -> tuple[torc
     return x, torch.log(ft).to(i.dtype)
 
 
-def _fwd_cases(device: str, dtype: torch.dtype) -> list[Case]:
+TARGET_SHAPES = [(4, 2048, 2560), (16, 2048, 2048)]
+
+
+def _fwd_cases(device: str, dtype: torch.dtype, quick: bool = False) -> list[Case]:
     cases = []
     esize = torch.tensor([], dtype=dtype).element_size()
     shapes = [(4, 2048, 2560), (16, 2048, 2048), (1, 8192, 2560), (1, 1, 2560), (16, 1, 2560)]
     if device == "cpu":
         shapes = [(1, 512, 1024), (4, 2048, 2560)]
+    if quick:
+        shapes = TARGET_SHAPES
     for b, t, d in shapes:
         i, f, lb = _inputs(b, t, d, dtype, device)
         nbytes = 3 * b * t * d * esize
@@ -54,10 +60,11 @@ def _fwd_cases(device: str, dtype: torch.dtype) -> list[Case]:
         ours = lambda i=i, f=f, lb=lb: mmfree_ext.mlgru_scan(i, f, lb)
         composite = lambda i=i, f=f, lb=lb: ref.mlgru_scan(i, f, lb)
         slow_base = t * b * d > (1 << 24) and device == "cpu"
-        cases.append(
-            Case("mlgru_scan fwd", shape, ours, None if slow_base else composite, "torch composite", bytes=nbytes)
-        )
-        if device == "cuda":
+        if not quick or chunk_hgrn is None:  # quick: ours is timed beside fla below
+            cases.append(
+                Case("mlgru_scan fwd", shape, ours, None if slow_base else composite, "torch composite", bytes=nbytes)
+            )
+        if device == "cuda" and not quick:
             for path, name in ((1, "sequential"), (2, "chunked")):
                 cases.append(
                     Case(
@@ -67,7 +74,16 @@ def _fwd_cases(device: str, dtype: torch.dtype) -> list[Case]:
                         bytes=nbytes,
                     )
                 )
-            for fn, name in ((chunk_hgrn, "fla chunk_hgrn"), (fused_recurrent_hgrn, "fla fused_recurrent")):
+        if device == "cuda":
+            fla_fns = (
+                ((chunk_hgrn, "fla chunk_hgrn"),)
+                if quick
+                else (
+                    (chunk_hgrn, "fla chunk_hgrn"),
+                    (fused_recurrent_hgrn, "fla fused_recurrent"),
+                )
+            )
+            for fn, name in fla_fns:
                 if fn is not None and t > 1:
                     cases.append(
                         Case(
@@ -137,9 +153,10 @@ def _decode_graph_rows(dtype: torch.dtype) -> list:
     return rows
 
 
-def _fwd_bwd_cases(device: str, dtype: torch.dtype) -> list[Case]:
+def _fwd_bwd_cases(device: str, dtype: torch.dtype, quick: bool = False) -> list[Case]:
+    """The whole autograd step the user pays: forward, then backward through autograd."""
     esize = torch.tensor([], dtype=dtype).element_size()
-    shapes = [(4, 2048, 2560)] if device == "cuda" else [(1, 512, 1024)]
+    shapes = TARGET_SHAPES if device == "cuda" else [(1, 512, 1024)]
     cases = []
     for b, t, d in shapes:
         i, f, lb = _inputs(b, t, d, dtype, device, grad=True)
@@ -155,8 +172,9 @@ def _fwd_bwd_cases(device: str, dtype: torch.dtype) -> list[Case]:
 
         nbytes = 8 * b * t * d * esize
         shape = f"B={b} T={t} D={d}"
-        base = composite if device == "cpu" or t * b <= 4096 else None
-        cases.append(Case("mlgru_scan fwd+bwd", shape, ours, base, "torch composite", bytes=nbytes))
+        base = composite if (device == "cpu" or t * b <= 4096) and not quick else None
+        if not quick or chunk_hgrn is None:  # quick: ours is timed beside fla below
+            cases.append(Case("mlgru_scan fwd+bwd", shape, ours, base, "torch composite", bytes=nbytes))
         if device == "cuda" and chunk_hgrn is not None:
 
             def fla(i=i, f=f, lb=lb, gh=gh) -> None:
@@ -164,6 +182,15 @@ def _fwd_bwd_cases(device: str, dtype: torch.dtype) -> list[Case]:
                 torch.autograd.grad(o, (i, f), gh)
 
             cases.append(Case("mlgru_scan fwd+bwd", shape, ours, fla, "fla chunk_hgrn", bytes=nbytes))
+        if device == "cuda":
+            # Same-run A/B of the backward: the forced chunked path runs the same v2 forward
+            # (the auto configuration of these shapes) and the v3 chunk-parallel backward.
+
+            def ours_v3(i=i, f=f, lb=lb, gh=gh) -> None:
+                h, _ = torch.ops.mmfree.mlgru_scan_impl(i, f, lb, None, None, None, 2)
+                torch.autograd.grad(h, (i, f), gh)
+
+            cases.append(Case("mlgru_scan fwd+bwd", shape, ours, ours_v3, "ours, v3 bwd (path=2)", bytes=nbytes))
     return cases
 
 
@@ -172,13 +199,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--quick", action="store_true", help="only the target shapes, ours vs fla chunk_hgrn")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    rows = [bench(c, args.device) for c in _fwd_cases(args.device, dtype)]
-    if args.device.startswith("cuda"):
+    rows = [bench(c, args.device) for c in _fwd_cases(args.device, dtype, args.quick)]
+    if args.device.startswith("cuda") and not args.quick:
         rows += _decode_graph_rows(dtype)
     print_table(rows, f"mlgru_scan forward ({args.dtype}, {args.device})")
-    rows_b = [bench(c, args.device) for c in _fwd_bwd_cases(args.device, dtype)]
+    rows_b = [bench(c, args.device) for c in _fwd_bwd_cases(args.device, dtype, args.quick)]
     print_table(rows_b, f"mlgru_scan forward+backward ({args.dtype}, {args.device})")
     if args.json:
         save_json(rows + rows_b, args.json, {"bench": "mlgru", "dtype": args.dtype})

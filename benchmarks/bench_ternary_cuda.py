@@ -3,6 +3,8 @@
 Decode GEMV (M = 1, 4, 8, 16) is judged by bandwidth: bytes = packed weights + int8
 activations + scales + bf16 output, printed as GB/s and % of the measured copy bandwidth.
 Prefill GEMM (M = 512, 2048, 4096) is judged by TOPS (2*M*N*K) against bf16 F.linear.
+``--small-m`` times M = 1..512 on the four 2.7B shapes: the automatic choice (cluster split-K
+on sm_90), the unsplit kernels (MMFREE_TERNARY_SPLITK=off) and forced splits below M = 8.
 ``--gemm-sweep`` times both tensor-core kernels (mma.sync and, on sm_90, the wgmma one,
 forced through MMFREE_TERNARY_GEMM) and the dispatcher's pick over M = 128..8192 on the
 four 2.7B shapes, with the % of the int8 peak; benchmarks/plot_gemm_ratio.py turns its JSON
@@ -10,6 +12,7 @@ into docs/gemm_ratio_vs_m.png.
 
     python benchmarks/bench_ternary_cuda.py --device cuda --json ternary_cuda.json
     python benchmarks/bench_ternary_cuda.py --gemm-sweep --json gemm_sweep.json
+    python benchmarks/bench_ternary_cuda.py --small-m --json small_m.json
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ GEMM_SHAPES = [(2560, 2560), (13824, 2560), (2560, 6912)]
 GEMM_ROWS = [512, 2048, 4096]
 SWEEP_SHAPES = [(2560, 2560), (13824, 2560), (2560, 6912), (32000, 2560)]
 SWEEP_ROWS = [128, 512, 2048, 4096, 8192]
+# --small-m: issue 13's four 2.7B products (MLGRU i/f/g fused 2560->7680, o 2560->2560, GLU
+# gate+up 2560->13824, down 6912->2560) over the decode / small-batch range.
+SMALL_M_SHAPES = [(2560, 2560), (13824, 2560), (2560, 6912), (7680, 2560)]
+SMALL_M_ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 # Dense int8 tensor-core peak of the H200 used for "% of peak" (the issue's figure; the
 # boost-clock datasheet value is 1979 TOPS).
 INT8_PEAK_TOPS = 1580.0
@@ -100,17 +107,92 @@ def gemm_sweep(device: str) -> list[Row]:
     return rows
 
 
+def small_m_sweep(device: str) -> list[Row]:
+    """ternary_matmul at M = 1..512 on the four 2.7B shapes: the automatic choice (split-K on
+    sm_90 where tiles are few), the unsplit selection of before (MMFREE_TERNARY_SPLITK=off),
+    and below M = 8 (GEMV territory) the split kernel forced at 2, 4 and 8 CTAs per cluster;
+    each against bf16 F.linear timed in the same case."""
+    modes = ["auto", "off"]
+    rows: list[Row] = []
+    saved = os.environ.get("MMFREE_TERNARY_SPLITK")
+    try:
+        for n, k in SMALL_M_SHAPES:
+            w_q = torch.randint(-1, 2, (n, k), dtype=torch.int8, device=device)
+            packed = ref.pack_ternary(w_q)
+            w_bf16 = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+            w_scale = torch.full((), 0.05, device=device)
+            for m in SMALL_M_ROWS:
+                x_q = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
+                x_scale = torch.rand(m, device=device) * 0.02 + 1e-3
+                x_bf16 = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+                base_us = None
+                for mode in modes + (["2", "4", "8"] if m < 8 else []):
+                    os.environ["MMFREE_TERNARY_SPLITK"] = mode  # read by the op at every call
+                    case = Case(
+                        name=f"ternary_matmul[splitk={mode}]",
+                        shape=f"M={m} {k}->{n}",
+                        fn=lambda a=(x_q, x_scale, packed, w_scale): torch.ops.mmfree.ternary_matmul(
+                            *a, torch.bfloat16
+                        ),
+                        baseline=(lambda a=(x_bf16, w_bf16): F.linear(*a)) if base_us is None else None,
+                        baseline_name="bf16 F.linear",
+                        bytes=float(packed.numel() + x_q.numel() + 4 * m + 2 * m * n),
+                        flops=2.0 * m * n * k,
+                        extra={"M": m, "N": n, "K": k, "mode": mode},
+                    )
+                    row = bench(case, device)
+                    if base_us is None:
+                        base_us = row.baseline_us
+                    else:  # one bf16 timing per case, shared by the modes
+                        row.baseline_name, row.baseline_us, row.speedup = "bf16 F.linear", base_us, base_us / row.us
+                    rows.append(row)
+    finally:
+        if saved is None:
+            os.environ.pop("MMFREE_TERNARY_SPLITK", None)
+        else:
+            os.environ["MMFREE_TERNARY_SPLITK"] = saved
+    return rows
+
+
+def print_small_m(rows: list[Row]) -> None:
+    """One line per (M, shape): auto, off, the best forced split below M = 8, bf16, ratios."""
+    by_case: dict[tuple[int, int, int], dict[str, Row]] = {}
+    for r in rows:
+        e = r.extra
+        by_case.setdefault((e["M"], e["K"], e["N"]), {})[e["mode"]] = r
+    head = f"{'M':>4} {'K->N':>11} {'auto us':>8} {'off us':>8} {'forced':>12} {'bf16 us':>8} {'auto x':>7}"
+    print(f"\n{head} {'target':>6}")
+    for (m, k, n), modes in sorted(by_case.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        auto, off = modes["auto"], modes["off"]
+        forced = [modes[s] for s in ("2", "4", "8") if s in modes]
+        best = min(forced, key=lambda r: r.us) if forced else None
+        fstr = f"{best.us:.1f}@{best.extra['mode']}" if best else "-"
+        target = "1.5x" if 2 <= m <= 64 else ("1.0x" if 128 <= m <= 256 else "-")
+        print(
+            f"{m:>4} {str(k) + '->' + str(n):>11} {auto.us:>8.1f} {off.us:>8.1f} {fstr:>12} "
+            f"{auto.baseline_us:>8.1f} {auto.speedup:>7.2f} {target:>6}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="only cuda is meaningful here")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     parser.add_argument("--quick", action="store_true", help="M=1 and M=512 only")
     parser.add_argument("--gemm-sweep", action="store_true", help="only the prefill GEMM sweep (M = 128..8192)")
+    parser.add_argument("--small-m", action="store_true", help="only the small-M sweep (M = 1..512, split-K)")
     args = parser.parse_args()
     if not args.device.startswith("cuda") or not torch.cuda.is_available():
         raise SystemExit("bench_ternary_cuda needs a CUDA device (--device cuda)")
     torch.manual_seed(0)
     warm_up_gpu()
+    if args.small_m:
+        rows = small_m_sweep(args.device)
+        print_table(rows, "small-M ternary_matmul (bf16 out) vs bf16 F.linear")
+        print_small_m(rows)
+        if args.json:
+            save_json(rows, args.json, {"bench": "ternary_cuda_small_m"})
+        return
     if args.gemm_sweep:
         rows = gemm_sweep(args.device)
         print_table(rows, f"prefill GEMM sweep (bf16 out) vs bf16 F.linear; int8 peak {INT8_PEAK_TOPS:.0f} TOPS")

@@ -86,10 +86,11 @@ def test_decode_step_matches_op_by_op(
 
 
 @pytest.mark.parametrize(("device", "path"), DEVICE_PATHS)
-def test_decode_step_odd_hidden(monkeypatch: pytest.MonkeyPatch, device: str, path: str | None) -> None:
+@pytest.mark.parametrize("batch", [1, 3])  # 1: the v3 kernel on CUDA, 3: v1
+def test_decode_step_odd_hidden(monkeypatch: pytest.MonkeyPatch, device: str, path: str | None, batch: int) -> None:
     _use_path(monkeypatch, path)
     model = _packed_model(device, torch.bfloat16, hidden_size=200, intermediate_size=520, num_hidden_layers=2)
-    _check_steps(model, 3)
+    _check_steps(model, batch)
 
 
 @functools.cache
@@ -113,9 +114,10 @@ def test_decode_step_real_shapes_cuda(
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("path", CUDA_PATHS)
-def test_decode_step_float16_cuda(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_step_float16_cuda(monkeypatch: pytest.MonkeyPatch, path: str, batch: int) -> None:
     _use_path(monkeypatch, path)
-    _check_steps(_packed_model("cuda", torch.float16), 3)
+    _check_steps(_packed_model("cuda", torch.float16), batch)
 
 
 @pytest.mark.cuda
@@ -130,12 +132,13 @@ def test_decode_step_fallback_shapes_cuda(monkeypatch: pytest.MonkeyPatch, path:
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("path", CUDA_PATHS)
-def test_decode_step_cuda_graph(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+@pytest.mark.parametrize("batch", [1, 4])  # the fused v3 (batch 1) and v1 kernels
+def test_decode_step_cuda_graph(monkeypatch: pytest.MonkeyPatch, path: str, batch: int) -> None:
     _use_path(monkeypatch, path)
     model = _packed_model("cuda", torch.bfloat16)
     weights = decode_weights(model)
-    tokens = torch.randint(0, 300, (4,), device="cuda")
-    state = torch.randn(model.config.num_hidden_layers, 4, 96, device="cuda")
+    tokens = torch.randint(0, 300, (batch,), device="cuda")
+    state = torch.randn(model.config.num_hidden_layers, batch, 96, device="cuda")
     eager_state = state.clone()
     eager = weights.step(tokens, eager_state)
     graph_state = state.clone()

@@ -102,3 +102,26 @@ def test_unpack_rejects_bad_input() -> None:
     corrupt[1, 63] = 0x00  # a -1 in the padding (k >= 130)
     with pytest.raises(RuntimeError, match="invalid 2-bit code"):
         torch.ops.mmfree.unpack_ternary(corrupt, 130)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    ("rows", "k", "dtype"),
+    [
+        (2048, 2560, torch.bfloat16),  # the abs-sum's 4-load loop, then its one-load tail
+        (1024, 4096, torch.float32),  # the fp32 pack path (two 16-byte loads per run of 8)
+        (1031, 6913, torch.float16),  # K not whole blocks: the element pack path
+    ],
+)
+def test_cuda_packs_large_weights_as_cpu(rows: int, k: int, dtype: torch.dtype) -> None:
+    """The vectorized CUDA passes (unrolled abs-sum, pair-of-words pack run back to front)
+    give the CPU's scale and bytes exactly, also with an all-zero row and a NaN weight."""
+    w = (torch.randn(rows, k) * 0.02).to(dtype)
+    w[3] = 0
+    w_nan = w.clone()
+    w_nan[5, k - 1] = float("nan")
+    for case in (w, w_nan):
+        p_cpu, s_cpu = torch.ops.mmfree.quantize_ternary(case)
+        p_gpu, s_gpu = torch.ops.mmfree.quantize_ternary(case.cuda())
+        assert torch.equal(s_cpu, s_gpu.cpu()) or (s_cpu.isnan() and s_gpu.isnan().item())
+        assert torch.equal(p_cpu, p_gpu.cpu())

@@ -475,3 +475,16 @@ def test_bench_train_step_times_the_training_step():
         bench_train_step("tiny", "cpu", model_kind="gpt")
     args = build_parser().parse_args(["bench", "--train", "--config", "1.3B", "--compile"])
     assert args.train and args.compile and (args.train_batch, args.train_seq) == (4, 2048)
+
+
+def test_nccl_ranks_run_with_nvlink_multicast_off(monkeypatch):
+    from mmfree_ext.train.parallel import NVLS_OFF_ENV, disable_nvlink_multicast
+
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")  # a user's setting does not turn it back on
+    for key in ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS", "MMFREE_ALLOW_NVLS"):
+        monkeypatch.delenv(key, raising=False)
+    assert disable_nvlink_multicast() == NVLS_OFF_ENV
+    assert os.environ["NCCL_NVLS_ENABLE"] == "0"
+    monkeypatch.setenv("MMFREE_ALLOW_NVLS", "1")
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")
+    assert disable_nvlink_multicast()["NCCL_NVLS_ENABLE"] == "1"

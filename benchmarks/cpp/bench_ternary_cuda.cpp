@@ -97,6 +97,12 @@ struct Kernel {
 // Indices into kKernels used by the timing tables and the misaligned-pointer check.
 enum KernelIndex { kSimple = 0, kGemvV1 = 1, kGemm = 2, kDispatch = 3, kGemmSm90 = 4 };
 cudaError_t dispatch(const TernaryMatmulParams& p, cudaStream_t stream) { return cuda::ternary_matmul(p, stream); }
+#if defined(MMFREE_HAVE_SM90_GEMM)
+// The cluster split-K GEMM at 3 CTAs per cluster (uneven slices of K); needs an sm_90 GPU.
+cudaError_t split_k3(const TernaryMatmulParams& p, cudaStream_t stream) {
+  return cuda::ternary_kernels::launch_gemm_split_k(p, 3, stream);
+}
+#endif
 const Kernel kKernels[] = {
     {"simple", &cuda::ternary_kernels::launch_simple},
     {"gemv", &cuda::ternary_kernels::launch_gemv},
@@ -104,6 +110,7 @@ const Kernel kKernels[] = {
     {"dispatch", &dispatch},
 #if defined(MMFREE_HAVE_SM90_GEMM)
     {"gemm_sm90", &cuda::ternary_kernels::launch_gemm_sm90},  // needs an sm_90 GPU
+    {"split_k3", &split_k3},
 #endif
 };
 

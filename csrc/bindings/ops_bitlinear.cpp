@@ -204,9 +204,9 @@ std::tuple<Tensor, Tensor, Tensor> bitlinear_backward_impl(const Tensor& grad_ou
   // dW[n, k] = sum_m dY[m, n] * x_q[m, k] * x_scale[m], in dY's dtype (fp32 accumulation). cuBLAS
   // takes one dtype for both operands, so an [M, K] operand in dY's dtype is materialized
   // either way (scaling dY's rows instead would add an M x N pass): x_q * x_scale, one pass
-  // from the saved int8 activations, rounded once.
-  Tensor x_deq = empty({m, k}, g2.scalar_type(), g2);
-  aten::mul_out(x_deq, torch::stable::reshape(x_q, {-1, k}), torch::stable::reshape(x_scale, {-1, 1}));
+  // from the saved int8 activations, rounded once (mmfree::dequantize_rows).
+  const Tensor x_deq = call_tensor_op("mmfree::dequantize_rows", "", torch::stable::reshape(x_q, {-1, k}),
+                                      torch::stable::reshape(x_scale, {-1}), g2.scalar_type());
   Tensor dw = to(aten::mm(aten::t(g2), x_deq), weight_dtype);
   return {*dx, dw, *dg};
 }

@@ -106,12 +106,13 @@ DecodePath decode_path_from_env() {
 // The auto rule: the batch sizes [lo, hi] on which the fused kernel measured faster than
 // op by op on the H200 (benchmarks/NOTES.md, "Fused decode step"; bench_decode.py with
 // MMFREE_DECODE_CUDA=fused / ops in the same run). Change it from measurements only.
-// Measured v1 (258 grid barriers per step, single-CTA row phases): slower at every
-// batch size, so the table is empty and auto runs op by op everywhere.
+// v1 and v2 measured slower at every batch size; v3 (batch 1 only) faster at batch 1 (H200,
+// 11:36: 1.3B 1216 vs 1729 us GPU, generate() 804 vs 794 tok/s; 2.7B 1866 vs 2151 us, 522 vs
+// 520 tok/s), so auto takes the fused path at batch 1 where v3 runs (decode_step_v3_runs).
 struct BatchRange {
   int64_t lo, hi;
 };
-constexpr BatchRange kAutoFusedBatches[] = {{0, -1}};  // {0, -1}: no batch size
+constexpr BatchRange kAutoFusedBatches[] = {{1, 1}};
 
 bool auto_picks_fused(int64_t batch) {
   for (const BatchRange& r : kAutoFusedBatches) {
@@ -170,7 +171,8 @@ Tensor decode_step_cuda(const Tensor& tokens, const Tensor& state, const Tensor&
   p.final_norms = final_norms.data_ptr();
   p.eps = static_cast<float>(eps);
   p.logits = logits.data_ptr();
-  const bool fused = path == DecodePath::kFused || (path == DecodePath::kAuto && auto_picks_fused(batch));
+  const bool fused = path == DecodePath::kFused ||
+                     (path == DecodePath::kAuto && auto_picks_fused(batch) && cuda::decode_step_v3_runs(p));
   if (!fused || cuda::decode_step_unsupported(p) != nullptr) {
     return op_by_op_step(tokens, state, embeddings, lower_bounds, norms_in, down_norms_in, packed_in, w_scales,
                          final_norms_in, eps, inter);

@@ -22,6 +22,11 @@ constexpr int kDecodeMaxLayers = 64;
 // 16-byte aligned tensors.)
 const char* decode_step_unsupported(const DecodeStepParams& p);
 
+// Whether decode_step runs its batch-1 v3 kernel for p on the current device: the one fused
+// kernel that measured faster than the op-by-op step (benchmarks/NOTES.md, "v3"), so the
+// binding's auto rule takes the fused path only where this holds.
+bool decode_step_v3_runs(const DecodeStepParams& p);
+
 // Bytes of device scratch `decode_step` needs (activations between the phases, the int8
 // codes, one grid-barrier counter).
 size_t decode_step_workspace_bytes(const DecodeStepParams& p);

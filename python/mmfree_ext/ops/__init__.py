@@ -8,6 +8,7 @@ from .. import _native  # noqa: F401  (registers the native schemas before the f
 from .act import silu_mul
 from .bitlinear import bitlinear
 from .decode import decode_step
+from .dequant import dequantize_rows
 from .glu import silu_mul_ternary_linear
 from .loss import ternary_linear_cross_entropy
 from .mlgru import mlgru_scan
@@ -30,6 +31,7 @@ from .ternary import (
 __all__ = [
     "bitlinear",
     "decode_step",
+    "dequantize_rows",
     "mlgru_scan",
     "quantize_ternary",
     "rms_norm",

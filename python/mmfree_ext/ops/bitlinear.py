@@ -112,12 +112,18 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     x, weight, norm_weight, eps, with_transposed = inputs
     _, packed, w_scale, x_q, x_scale, packed_t = output
     ctx.save_for_backward(x, x_q, x_scale, packed, w_scale, packed_t, norm_weight)
+    # Only y carries a gradient: without this the engine fills zeros for the other five
+    # outputs every step (an x_q-sized int8 and a packed-sized uint8 tensor per layer; 480
+    # fill kernels in one 370M step).
+    ctx.set_materialize_grads(False)
     ctx.eps = eps
     ctx.int8_dx = with_transposed
     ctx.weight_dtype = weight.dtype
 
 
-def _backward(ctx: Any, grad: torch.Tensor, *unused: Any) -> tuple:
+def _backward(ctx: Any, grad: torch.Tensor | None, *unused: Any) -> tuple:
+    if grad is None:  # no gradient reached y (grads are not materialized)
+        return None, None, None, None, None
     x, x_q, x_scale, packed, w_scale, packed_t, norm_weight = ctx.saved_tensors
     gx, gw, gg = torch.ops.mmfree.bitlinear_backward(
         grad.contiguous(),

@@ -40,6 +40,21 @@ class Runtime:
             dist.barrier()
 
 
+#: NVLink multicast (NVLS) stays off in every rank: on shared multi-GPU hosts a program that
+#: creates multicast objects (NCCL's NVLS collectives, torch's multicast symmetric memory,
+#: NVSHMEM's NVLS) can put the host's GPUs out of service for everyone. FSDP2's all-gather and
+#: reduce-scatter run on NCCL's ring/tree algorithms instead. Applied before the first
+#: communicator exists; MMFREE_ALLOW_NVLS=1 leaves the environment as the user set it.
+NVLS_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def disable_nvlink_multicast() -> dict[str, str]:
+    """Switch NVLink multicast off in this process (unless MMFREE_ALLOW_NVLS=1); returns the settings."""
+    if os.environ.get("MMFREE_ALLOW_NVLS") != "1":
+        os.environ.update(NVLS_OFF_ENV)
+    return {key: os.environ.get(key, "") for key in NVLS_OFF_ENV}
+
+
 def _launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -88,6 +103,8 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        disable_nvlink_multicast()
     distributed, owns = dist.is_initialized(), False
     if not distributed and (torchrun or wants_fsdp(cfg, device, world)):
         if torchrun:

@@ -103,9 +103,11 @@ __device__ __forceinline__ void stage_codes(const GemvJob& jb, int B, int64_t K,
 // flow: every thread of the CTA calls it with the same arguments. Pre: the CTA wrote the
 // codes of the whole K into `xs` itself (the planes of stage_codes, rows past B arbitrary:
 // their sums are never stored) and jb.scale / jb.xsum point to shared memory.
-template <int MT, class T, bool Pre = false>
+// WS (v3): the CTA's weight rows [r0, r1) were copied to shared memory at `wsm` (row r0
+// first) by the previous phase; read them there instead of streaming them from global memory.
+template <int MT, class T, bool Pre = false, bool WS = false>
 __device__ void gemv_rows(const GemvJob& jb, int B, int64_t K, int64_t code_stride, int64_t r0, int64_t r1, int4* xs,
-                          int slab_blocks) {
+                          int slab_blocks, const uint8_t* wsm = nullptr) {
   constexpr int R = RowsPerWarp<MT>::value;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -130,7 +132,7 @@ __device__ void gemv_rows(const GemvJob& jb, int B, int64_t K, int64_t code_stri
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const int64_t n = min(n0 + r, r1 - 1);  // rows past the range re-read the last one; not stored
-        wrow[r] = reinterpret_cast<const uint4*>(jb.packed + n * rb) + b0 * 2;
+        wrow[r] = reinterpret_cast<const uint4*>(WS ? wsm + (n - r0) * rb : jb.packed + n * rb) + b0 * 2;
       }
       for (int c0 = 0; c0 < nch; c0 += 32 * kUnroll) {
         uint4 w[kUnroll][R];
@@ -138,7 +140,13 @@ __device__ void gemv_rows(const GemvJob& jb, int B, int64_t K, int64_t code_stri
         for (int u = 0; u < kUnroll; ++u) {
           const int c = c0 + u * 32 + lane;
 #pragma unroll
-          for (int r = 0; r < R; ++r) w[u][r] = c < nch ? load_weights_stream(wrow[r] + c) : make_uint4(0, 0, 0, 0);
+          for (int r = 0; r < R; ++r) {
+            if (WS) {
+              w[u][r] = c < nch ? wrow[r][c] : make_uint4(0, 0, 0, 0);
+            } else {
+              w[u][r] = c < nch ? load_weights_stream(wrow[r] + c) : make_uint4(0, 0, 0, 0);
+            }
+          }
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -193,8 +201,12 @@ __device__ void gemv_rows(const GemvJob& jb, int B, int64_t K, int64_t code_stri
 // The CTA's share of a phase of `njobs` products with the same K (job(q) gives product q):
 // the rows of all of them, one after another, cut into gridDim.x contiguous ranges.
 // Pre (see gemv_rows): product q's planes start at xs + q * MT * 4 * 2 * blocks(K).
-template <int MT, class T, bool Pre = false, class JobOf>
-__device__ void gemv_phase(JobOf job, int njobs, int B, int64_t K, int64_t code_stride, int4* xs, int slab_blocks) {
+// WS: the CTA's rows of all the products lie in shared memory at `wsm`, one after another (as
+// stage_phase_weights in decode_kernel_v3.cuh copied them).
+template <int MT, class T, bool Pre = false, bool WS = false, class JobOf>
+__device__ void gemv_phase(JobOf job, int njobs, int B, int64_t K, int64_t code_stride, int4* xs, int slab_blocks,
+                           const uint8_t* wsm = nullptr) {
+  const int64_t rb = ternary::row_bytes(K);
   const int64_t planes = static_cast<int64_t>(MT) * 4 * 2 * (ternary::row_bytes(K) / ternary::kBlockBytes);
   int64_t total = 0;
   for (int q = 0; q < njobs; ++q) total += job(q).N;
@@ -204,7 +216,9 @@ __device__ void gemv_phase(JobOf job, int njobs, int B, int64_t K, int64_t code_
     const GemvJob jb = job(q);
     const int64_t lo = max(r0, start), hi = min(r1, start + jb.N);
     if (lo < hi) {
-      gemv_rows<MT, T, Pre>(jb, B, K, code_stride, lo - start, hi - start, Pre ? xs + q * planes : xs, slab_blocks);
+      gemv_rows<MT, T, Pre, WS>(jb, B, K, code_stride, lo - start, hi - start, Pre ? xs + q * planes : xs, slab_blocks,
+                                wsm);
+      if (WS) wsm += (hi - lo) * rb;
     }
     start += jb.N;
   }

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "cuda/decode/decode_gemv.cuh"
@@ -60,6 +62,7 @@ struct KParams {
   int* xsums;     // [3, B]
   int ph, pi;     // canonical reduction threads for rows of h / I elements
   int slab_blocks;
+  int64_t ring;  // v3: shared-memory bytes of the weight ring (decode_kernel_v3.cuh)
   const uint8_t* packed[kMaxMats];
 };
 
@@ -410,17 +413,13 @@ inline int sm_count() {
   return n;
 }
 
-// `smem_limit`: the most dynamic shared memory any launch of this kernel asks for on this
-// device (the attribute is raised once per device, to that, not to this launch's need).
-template <class T, int MT, bool V2>
-cudaError_t launch(const KParams& kp, int smem, int smem_limit, cudaStream_t stream) {
-  void (*kernel)(const KParams);
-  if constexpr (V2) {
-    kernel = decode_step_kernel_v2<T, MT>;
-  } else {
-    kernel = decode_step_kernel<T, MT>;
-  }
-  static std::atomic<uint64_t> raised{0};
+// Cooperative launch of one CTA per SM (all co-resident, or refused: no hang), the barrier
+// counter zeroed first. `smem_limit`: the most dynamic shared memory any launch of this
+// kernel asks for on this device (the attribute is raised once per device, to that, not to
+// this launch's need); `raised`: the kernel's record of that.
+template <class Kernel>
+cudaError_t launch_coop(Kernel kernel, std::atomic<uint64_t>& raised, const KParams& kp, int smem, int smem_limit,
+                        cudaStream_t stream) {
   cudaError_t err = raise_smem_once(kernel, smem_limit, raised);
   if (err != cudaSuccess) return err;
   int per_sm = 0;
@@ -442,6 +441,30 @@ cudaError_t launch(const KParams& kp, int smem, int smem_limit, cudaStream_t str
   if (err != cudaSuccess) return err;
   return cudaLaunchKernelEx(&cfg, kernel, kp);
 }
+
+template <class T, int MT, bool V2>
+cudaError_t launch(const KParams& kp, int smem, int smem_limit, cudaStream_t stream) {
+  void (*kernel)(const KParams);
+  if constexpr (V2) {
+    kernel = decode_step_kernel_v2<T, MT>;
+  } else {
+    kernel = decode_step_kernel<T, MT>;
+  }
+  static std::atomic<uint64_t> raised{0};
+  return launch_coop(kernel, raised, kp, smem, smem_limit, stream);
+}
+
+// MMFREE_DECODE_V3=0 turns the v3 kernel off (v2 then runs at batch 1), to compare the two in
+// one build (benchmarks/NOTES.md); unset or anything else: on.
+inline bool v3_enabled() {
+  const char* v = std::getenv("MMFREE_DECODE_V3");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+// v3 (batch 1; decode_kernel_v3.cuh, instantiated per dtype in decode_step_v3_<dtype>.cu):
+// cudaErrorNotSupported where it does not apply.
+template <class T>
+cudaError_t launch_v3(const KParams& kp, int budget, cudaStream_t stream);
 
 // One launch per dtype; each dtype's kernels are compiled in their own file
 // (decode_step_<dtype>.cu) so the build runs them in parallel.
@@ -468,8 +491,12 @@ cudaError_t launch_typed(const KParams& kp, int smem_rows, cudaStream_t stream) 
     if (smem > budget) return cudaErrorNotSupported;
     return launch<T, MT, true>(kp, static_cast<int>(smem), budget, stream);
   };
-  // v2 (no row phases) for batches up to kV2MaxBatch where its shared memory fits; v1 with
-  // the tiles 8 (1..8 rows) and 64 (9..64) otherwise.
+  // v3 at batch 1 where it applies; v2 (no row phases) for batches up to kV2MaxBatch where
+  // its shared memory fits; v1 with the tiles 8 (1..8 rows) and 64 (9..64) otherwise.
+  if (kp.B == 1) {
+    const cudaError_t err3 = launch_v3<T>(kp, budget, stream);
+    if (err3 != cudaErrorNotSupported) return err3;
+  }
   if (kp.B <= kV2MaxBatch) {
     cudaError_t err2 = cudaErrorNotSupported;
     if constexpr (kV2MaxBatch > 1) {

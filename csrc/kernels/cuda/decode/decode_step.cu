@@ -22,10 +22,14 @@
 // to kV2MaxBatch = 1, where it measured faster, and where its shared memory fits) has no row
 // phases: every CTA does the row math of every batch row at the start of each product phase,
 // codes straight into its shared memory, so a layer is 4 phases and 4 grid barriers, not 8.
+// v3 (decode_kernel_v3.cuh; batch 1, where its shared memory fits; MMFREE_DECODE_V3=0: v2)
+// keeps v2's phases and copies each CTA's weight rows of the next product into its shared
+// memory while the current phase runs, the row inputs in one wave, the row math on all warps.
 #include <algorithm>
 #include <cstdint>
 
 #include "cuda/decode/decode_kernel.cuh"
+#include "cuda/decode/decode_kernel_v3.cuh"
 
 namespace mmfree {
 namespace cuda {
@@ -56,6 +60,21 @@ const char* decode_step_unsupported(const DecodeStepParams& p) {
   for (int64_t i = 0; i < p.layers * kDecodeMatsPerLayer + 1; ++i)
     if (!aligned16(p.packed[i])) return "the packed weights must be 16-byte aligned";
   return nullptr;
+}
+
+bool decode_step_v3_runs(const DecodeStepParams& p) {
+  // The conditions of launch_typed / launch_v3 (decode_kernel*.cuh).
+  if (decode_step_unsupported(p) != nullptr || p.batch != 1 || !v3_enabled()) return false;
+  if (!aligned16(p.state) || !aligned16(p.lower_bounds)) return false;
+  int dev = 0, optin = 0;
+  const int sms = sm_count();
+  if (sms < 1 || cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return false;
+  const int64_t budget = std::min(kSmemBudget, optin - 1024);
+  const int64_t esize = dtype_size(p.act_dtype);
+  const bool wf32 = p.norm_dtype == DType::kFloat32 && p.act_dtype != DType::kFloat32;
+  return v3_smem_bytes(p.hidden, p.intermediate, esize, wf32 ? 4 : esize, sms) <= budget;
 }
 
 size_t decode_step_workspace_bytes(const DecodeStepParams& p) {

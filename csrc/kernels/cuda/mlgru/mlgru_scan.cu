@@ -21,7 +21,9 @@
 #include <cstring>
 
 #include "cuda/common.cuh"
+#include "cuda/mlgru/mlgru_bwd_chunked.cuh"
 #include "cuda/mlgru/mlgru_gate.cuh"
+#include "cuda/mlgru/mlgru_seqs.cuh"
 #include "mlgru.h"
 
 namespace mmfree {
@@ -41,21 +43,6 @@ template <class T, int V>
 struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
-
-struct Range {
-  int64_t begin, end;
-};
-
-// Token range of sequence s. Varlen offsets are clamped into [0, N] and made non-decreasing
-// so a corrupt cu_seqlens cannot send the kernels out of bounds (it is not checked on CUDA:
-// that would need a host sync).
-__device__ __forceinline__ Range seq_range(const MlgruSeqs& q, int64_t s) {
-  if (q.cu_seqlens == nullptr) return {s * q.seq_len, (s + 1) * q.seq_len};
-  int64_t b = q.cu_seqlens[s], e = q.cu_seqlens[s + 1];
-  b = b < 0 ? 0 : (b > q.tokens ? q.tokens : b);
-  e = e < b ? b : (e > q.tokens ? q.tokens : e);
-  return {b, e};
-}
 
 // Where the checkpoint of tile j of a sequence starting at token `begin` lives: slot
 // floor(begin/tile) + s + j is unique over all (s, j) (see mlgru_bwd_workspace_floats).
@@ -818,9 +805,12 @@ cudaError_t bwd_typed(const MlgruScanBwdParams& p, const Config& c, const Kernel
 
 int64_t mlgru_workspace_floats(const MlgruSeqs&, DType, MlgruPath) { return 0; }
 
-// Checkpoints (one state vector per tile slot) followed by the [S, D] dL/dlb partials.
+// Either layout fits: the chunk-parallel backward's summaries and partials, or the v1/v2
+// checkpoints followed by the [S, D] dL/dlb partials (which one runs is chosen at launch).
 int64_t mlgru_bwd_workspace_floats(const MlgruSeqs& q, DType dtype, MlgruPath path) {
-  return bwd_checkpoint_slots(q, dtype, path) * q.dim + q.num_seqs * q.dim;
+  const int64_t tiled = bwd_checkpoint_slots(q, dtype, path) * q.dim + q.num_seqs * q.dim;
+  const int64_t chunked = mlgru_chunked::workspace_floats(q);
+  return tiled > chunked ? tiled : chunked;
 }
 
 cudaError_t mlgru_scan(const MlgruScanParams& p, cudaStream_t stream) {
@@ -833,6 +823,10 @@ cudaError_t mlgru_scan(const MlgruScanParams& p, cudaStream_t stream) {
 cudaError_t mlgru_scan_backward(const MlgruScanBwdParams& p, cudaStream_t stream) {
   if (p.seqs.num_seqs == 0 || p.seqs.dim == 0) return cudaSuccess;
   if (p.workspace == nullptr) return cudaErrorInvalidValue;
+  // v3, chunks of time across CTAs (mlgru_bwd_chunked.cuh), runs for the forced chunked path
+  // only: measured slower than v2 in its first H200 run (benchmarks/NOTES.md, "v3 backward"),
+  // so the auto path keeps the v2 tiled kernels below until a same-run A/B says otherwise.
+  if (p.variant == MlgruVariant::kBest && p.path == MlgruPath::kChunked) return mlgru_chunked::backward(p, stream);
   const Config c = bwd_config(p.seqs, p.dtype, p.path, vector_ok_bwd(p), p.variant);
   const int64_t slots = bwd_checkpoint_slots(p.seqs, p.dtype, p.path);
   float* checkpoints = p.workspace;

@@ -3,7 +3,8 @@
 // (both in a fixed order, so the scale is deterministic), then the packing. Training
 // re-quantizes the latent weight every step, so both passes over W use 16-byte loads where
 // the layout allows (an 8192 x 2560 x 13824 training step spent 2 x 207 us here with
-// element loads, against about 2 x 25 us for reading 70 MB twice).
+// element loads, against about 2 x 17 us for reading 71 MB twice at 4.25 TB/s), with several
+// loads in flight per thread.
 #include "common/ternary_format.h"
 #include "cuda/common.cuh"
 #include "pack.h"
@@ -41,7 +42,23 @@ __global__ void abs_sum_partial(const T* __restrict__ w, int64_t n, double* __re
     constexpr int kN = Vec16<T>::kN;
     const int64_t nvec = n / kN;
     const int4* wv = reinterpret_cast<const int4*>(w);
-    for (int64_t i = tid; i < nvec; i += stride) {
+    // kUnroll loads in flight per thread (511 blocks hold ~1000 threads per SM: one 16-byte
+    // load each is 16 KB in flight, too little to cover DRAM latency); the adds keep the
+    // order i, i + stride, ... of the one-load loop, so the sum is the same bit for bit.
+    constexpr int kUnroll = 4;
+    int64_t i = tid;
+    for (; i + (kUnroll - 1) * stride < nvec; i += kUnroll * stride) {
+      int4 raw[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) raw[u] = __ldg(wv + i + u * stride);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const T* e = reinterpret_cast<const T*>(&raw[u]);
+#pragma unroll
+        for (int j = 0; j < kN; ++j) s += fabs(static_cast<double>(to_float(e[j])));
+      }
+    }
+    for (; i < nvec; i += stride) {
       const int4 raw = __ldg(wv + i);
       const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
@@ -94,30 +111,34 @@ __global__ void pack_codes(const T* __restrict__ w, int64_t rows, int64_t k_tota
   packed[idx] = static_cast<uint8_t>(out);
 }
 
-// K % 128 == 0 and W 16-byte aligned: one thread per packed word (bytes 4q..4q+3 of a
-// block), reading four runs of 4 consecutive weights (k = j*32 + 4q ..) as 8- or 16-byte
-// loads and writing the word once.
+// K % 128 == 0 and W 16-byte aligned: one thread per pair of packed words (bytes 8p..8p+7
+// of a block), reading four runs of 8 consecutive weights (k = j*32 + 8p ..) as 16-byte
+// loads (two 16-byte loads for fp32) and writing both words as one 8-byte store. Blocks run
+// from the end of W to its start: the abs-sum pass just swept W front to back, so its last
+// ~tens of MB are still in L2 when this pass begins.
 template <class T>
-__global__ void pack_codes_vec(const T* __restrict__ w, int64_t words, const float* __restrict__ scale,
-                               uint32_t* __restrict__ packed) {
-  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (idx >= words) return;
-  // Word idx covers block idx / 8 (flat over rows: K is whole blocks), bytes 4 (idx % 8) ..
-  const int64_t k_base = (idx / 8) * ternary::kBlockWeights + (idx % 8) * 4;
+__global__ void pack_codes_vec(const T* __restrict__ w, int64_t pairs, const float* __restrict__ scale,
+                               uint2* __restrict__ packed) {
+  const int64_t blk = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;
+  const int64_t idx = blk * blockDim.x + threadIdx.x;
+  if (idx >= pairs) return;
+  // Pair idx covers block idx / 4 (flat over rows: K is whole blocks), bytes 8 (idx % 4) ..
+  const int64_t k_base = (idx / 4) * ternary::kBlockWeights + (idx % 4) * 8;
   const float inv = 1.0f / *scale;
-  uint32_t out = 0;
+  uint32_t out[2] = {0, 0};
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    T v[4];
+    T v[8];
     if constexpr (sizeof(T) == 4) {
-      *reinterpret_cast<float4*>(v) = __ldg(reinterpret_cast<const float4*>(w + k_base + j * 32));
+      reinterpret_cast<float4*>(v)[0] = __ldg(reinterpret_cast<const float4*>(w + k_base + j * 32));
+      reinterpret_cast<float4*>(v)[1] = __ldg(reinterpret_cast<const float4*>(w + k_base + j * 32) + 1);
     } else {
-      *reinterpret_cast<uint2*>(v) = __ldg(reinterpret_cast<const uint2*>(w + k_base + j * 32));
+      *reinterpret_cast<uint4*>(v) = __ldg(reinterpret_cast<const uint4*>(w + k_base + j * 32));
     }
 #pragma unroll
-    for (int e = 0; e < 4; ++e) out |= ternary_code(to_float(v[e]), inv) << (8 * e + 2 * j);
+    for (int e = 0; e < 8; ++e) out[e / 4] |= ternary_code(to_float(v[e]), inv) << (8 * (e % 4) + 2 * j);
   }
-  packed[idx] = out;
+  packed[idx] = make_uint2(out[0], out[1]);
 }
 
 __global__ void unpack_codes(const uint8_t* __restrict__ packed, int64_t rows, int64_t k_total, int64_t row_bytes,
@@ -157,10 +178,10 @@ void quantize_typed(const TernaryQuantizeParams& p, cudaStream_t stream) {
   finish_scale<<<1, kSumThreads, 0, stream>>>(p.workspace, kSumBlocks, n, p.scale);
   if (bytes == 0) return;
   if constexpr (sizeof(T) <= 4) {
-    if (vec && p.in_features % ternary::kBlockWeights == 0 && reinterpret_cast<uintptr_t>(p.packed) % 4 == 0) {
-      const int64_t words = bytes / 4;
-      pack_codes_vec<T><<<ceil_div(words, 256), 256, 0, stream>>>(w, words, p.scale,
-                                                                   reinterpret_cast<uint32_t*>(p.packed));
+    if (vec && p.in_features % ternary::kBlockWeights == 0 && reinterpret_cast<uintptr_t>(p.packed) % 8 == 0) {
+      const int64_t pairs = bytes / 8;  // a block is 32 bytes: 4 pairs of words
+      pack_codes_vec<T><<<ceil_div(pairs, 256), 256, 0, stream>>>(w, pairs, p.scale,
+                                                                   reinterpret_cast<uint2*>(p.packed));
       return;
     }
   }

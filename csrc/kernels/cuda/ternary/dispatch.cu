@@ -1,6 +1,9 @@
 // mmfree::cuda::ternary_matmul: picks the kernel by M. Decode (M < 8) is bound by the
-// weight stream and goes to the dp4a GEMV; prefill goes to a tensor-core GEMM: on sm_90
-// the wgmma kernel (gemm_sm90.cu) for the large products (launch.h says which), else mma.sync (gemm.cu). All
+// weight stream and goes to the dp4a GEMV (on sm_90 only M < 3, or where the split-K
+// kernel below does not pay; launch.h); prefill goes to a tensor-core GEMM: on sm_90
+// the wgmma kernel (gemm_sm90.cu) for the large products (launch.h says which), the
+// cluster split-K mma.sync kernel (gemm_split_k.cu) where unsplit tiles would leave SMs
+// idle, else mma.sync (gemm.cu). All
 // read the canonical packed format directly, so there is no load-time weight transform.
 #include <cstdint>
 
@@ -22,7 +25,37 @@ bool is_sm90_device() {
 }
 #endif
 
-cudaError_t launch_prefill(const TernaryMatmulParams& p, cudaStream_t stream, TernaryGemmImpl impl) {
+// CTAs per cluster for the split-K kernel (gemm_split_k.cu) under the automatic selection:
+// > 1 where unsplit tiles would leave SMs idle on an sm_90 device, else 1 (also where the
+// build has no sm_90 code or MMFREE_TERNARY_SPLITK=off); 0 with an error in `err`.
+int auto_splits(const TernaryMatmulParams& p, int split_mode, cudaError_t& err) {
+  using namespace ternary_kernels;
+  err = cudaSuccess;
+#if defined(MMFREE_HAVE_SM90_GEMM)
+  if (split_mode != kSplitKAuto || !is_sm90_device()) return 1;
+  int dev = 0, sms = 0;
+  err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err != cudaSuccess) return 0;
+  return split_k_count(p.M, p.N, p.K, sms);
+#else
+  (void)p;
+  (void)split_mode;
+  return 1;
+#endif
+}
+
+cudaError_t launch_mma(const TernaryMatmulParams& p, cudaStream_t stream, int split_mode) {
+  using namespace ternary_kernels;
+  cudaError_t err = cudaSuccess;
+  const int splits = auto_splits(p, split_mode, err);
+  if (err != cudaSuccess) return err;
+  if (splits > 1) return ternary_kernels::launch_gemm_split_k(p, splits, stream);
+  return launch_gemm(p, stream);
+}
+
+cudaError_t launch_prefill(const TernaryMatmulParams& p, cudaStream_t stream, TernaryGemmImpl impl,
+                           int split_mode) {
   using namespace ternary_kernels;
   if (impl == TernaryGemmImpl::kSm90) {
 #if defined(MMFREE_HAVE_SM90_GEMM)
@@ -38,7 +71,7 @@ cudaError_t launch_prefill(const TernaryMatmulParams& p, cudaStream_t stream, Te
     return launch_gemm_sm90(p, stream);
   }
 #endif
-  return launch_gemm(p, stream);
+  return launch_mma(p, stream, split_mode);
 }
 
 }  // namespace
@@ -58,8 +91,17 @@ cudaError_t ternary_matmul(const TernaryMatmulParams& p, cudaStream_t stream, Te
   // The fast kernels read weights 16 bytes at a time; every row starts 16-byte aligned
   // when the tensor does (row_bytes is a multiple of 32).
   if (reinterpret_cast<uintptr_t>(p.packed) % 16 != 0) return launch_simple(p, stream);
-  if (p.M < kGemmMinRows) return launch_gemv(p, stream);
-  return launch_prefill(p, stream, impl);
+  const int split_mode = split_k_override();
+  if (split_mode == kSplitKInvalid) return cudaErrorInvalidValue;
+  // A forced split count takes every product but the ones forced to wgmma.
+  if (split_mode > 0 && impl != TernaryGemmImpl::kSm90) return launch_gemm_split_k(p, split_mode, stream);
+  if (p.M < kGemmMinRows) {
+    cudaError_t err = cudaSuccess;
+    const int splits = p.M >= kSplitKMinRows ? auto_splits(p, split_mode, err) : 1;
+    if (err != cudaSuccess) return err;
+    return splits > 1 ? launch_gemm_split_k(p, splits, stream) : launch_gemv(p, stream);
+  }
+  return launch_prefill(p, stream, impl, split_mode);
 }
 
 cudaError_t ternary_matmul_grouped(const TernaryMatmulParams* ps, int groups, cudaStream_t stream,

@@ -31,6 +31,19 @@ constexpr int kGemmMinRows = 8;
 constexpr int kSm90MinRows = 512;
 constexpr int kSm90MinCols = 8192;
 constexpr int kSm90AllColsRows = 8192;
+// Split-K of the mma.sync GEMM over a thread-block cluster (gemm_split_k.cu, sm_90): at
+// most kMaxSplitK CTAs per output tile (the portable cluster size). ternary_matmul takes it
+// for M >= kSplitKMinRows (below kGemmMinRows, instead of the GEMV) where split_k_count()
+// > 1. MMFREE_TERNARY_SPLITK overrides:
+// "auto" (or unset), "off" (the unsplit selection of before), or 1..8 (that many CTAs per
+// cluster for every product whatever M, the GEMV range included; tests and benchmarks).
+constexpr int kMaxSplitK = 8;
+// From M = 3 the split kernel beats the GEMV (H200, forced split vs GEMV at M = 2 / 4:
+// 8.7 / 8.8 vs 8.1 / 10.6 us on 2560->2560, 14.3 / 14.2 vs 14.3 / 21.9 on 2560->13824).
+constexpr int kSplitKMinRows = 3;
+constexpr int kSplitKAuto = -1;
+constexpr int kSplitKOff = 0;
+constexpr int kSplitKInvalid = -2;
 
 // One thread per output, byte loads: the obviously-correct baseline (any alignment).
 cudaError_t launch_simple(const TernaryMatmulParams& p, cudaStream_t stream);
@@ -47,6 +60,17 @@ cudaError_t launch_gemm(const TernaryMatmulParams& p, cudaStream_t stream);
 // built where the arch list has 90 (MMFREE_HAVE_SM90_GEMM); cudaErrorNotSupported on a
 // device other than sm_90. Any M, K and x alignment; needs `packed` 16-byte aligned.
 cudaError_t launch_gemm_sm90(const TernaryMatmulParams& p, cudaStream_t stream);
+// Small-M GEMM: the mma.sync main loop split over K across `splits` (1..kMaxSplitK) CTAs
+// of a cluster, reduced through distributed shared memory (gemm_split_k.cu). Any M, K and
+// x alignment; needs `packed` 16-byte aligned and an sm_90 device (cudaErrorNotSupported
+// elsewhere or in a build without arch 90).
+cudaError_t launch_gemm_split_k(const TernaryMatmulParams& p, int splits, cudaStream_t stream);
+// CTAs per cluster the automatic selection uses for this product on `sms` SMs; 1 means
+// the unsplit kernel (gemm.cu) is the better one.
+int split_k_count(int64_t M, int64_t N, int64_t K, int sms);
+// MMFREE_TERNARY_SPLITK: kSplitKAuto, kSplitKOff, 1..kMaxSplitK, or kSplitKInvalid (after
+// a message on stderr) for anything else.
+int split_k_override();
 
 }  // namespace ternary_kernels
 }  // namespace cuda

@@ -1,0 +1,30 @@
+// The token range of one sequence of the flat [N, D] view (mlgru.h), shared by the MLGRU
+// scan kernels (mlgru_scan.cu) and the chunk-parallel backward (mlgru_bwd_chunked.cuh).
+#pragma once
+
+#include <cstdint>
+
+#include "mlgru.h"
+
+namespace mmfree {
+namespace cuda {
+namespace mlgru {
+
+struct Range {
+  int64_t begin, end;
+};
+
+// Token range of sequence s. Varlen offsets are clamped into [0, N] and made non-decreasing
+// so a corrupt cu_seqlens cannot send the kernels out of bounds (it is not checked on CUDA:
+// that would need a host sync).
+__device__ __forceinline__ Range seq_range(const MlgruSeqs& q, int64_t s) {
+  if (q.cu_seqlens == nullptr) return {s * q.seq_len, (s + 1) * q.seq_len};
+  int64_t b = q.cu_seqlens[s], e = q.cu_seqlens[s + 1];
+  b = b < 0 ? 0 : (b > q.tokens ? q.tokens : b);
+  e = e < b ? b : (e > q.tokens ? q.tokens : e);
+  return {b, e};
+}
+
+}  // namespace mlgru
+}  // namespace cuda
+}  // namespace mmfree
