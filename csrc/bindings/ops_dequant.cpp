@@ -1,6 +1,6 @@
 // Binding of dequantize_rows(x_q, x_scale, dtype): x_q * x_scale[..., None] in dtype, computed
 // in fp32 and rounded once (equal bit for bit to at::mul of the int8 and fp32 tensors into
-// dtype). CUDA runs the vectorized kernel (kernels/dequant.h); the CPU is that at::mul.
+// dtype). CUDA runs the vectorized kernel (kernels/dequant.h); the CPU is that aten::mul.
 // bitlinear_backward calls it for the dW operand.
 #include "bindings/checks.h"
 #include "dequant.h"
@@ -9,42 +9,45 @@ namespace mmfree {
 namespace binding {
 namespace {
 
-at::Tensor dequantize_rows_impl(const at::Tensor& x_q, const at::Tensor& x_scale, at::ScalarType dtype) {
-  check_dtype(x_q, "x_q", at::kChar);
-  TORCH_CHECK(x_q.dim() >= 1, "mmfree: argument 'x_q' must have at least 1 dimension [..., K], got a 0-D tensor");
+Tensor dequantize_rows_impl(const Tensor& x_q, const Tensor& x_scale, ScalarType dtype) {
+  check_dtype(x_q, "x_q", kChar);
+  MMFREE_CHECK(x_q.dim() >= 1, "mmfree: argument 'x_q' must have at least 1 dimension [..., K], got a 0-D tensor");
   check_contiguous(x_q, "x_q");
-  check_dtype(x_scale, "x_scale", at::kFloat);
+  check_dtype(x_scale, "x_scale", kFloat);
   check_same_device(x_scale, "x_scale", x_q, "x_q");
-  TORCH_CHECK(x_scale.sizes() == x_q.sizes().slice(0, x_q.dim() - 1), "mmfree: argument 'x_scale' must have shape ",
-              x_q.sizes().slice(0, x_q.dim() - 1), " (x_q's leading dims), got ", x_scale.sizes());
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
-              "mmfree: argument 'dtype' must be a floating dtype (float32, bfloat16, float16, float64), got ", dtype);
-  at::Tensor out = at::empty(x_q.sizes(), x_q.options().dtype(dtype));
-  const int64_t k = x_q.size(-1);
+  std::vector<int64_t> lead = sizes_vec(x_q);
+  lead.pop_back();
+  MMFREE_CHECK(x_scale.sizes().equals(lead), "mmfree: argument 'x_scale' must have shape ", lead,
+               " (x_q's leading dims), got ", x_scale.sizes());
+  MMFREE_CHECK(dtype == kFloat || dtype == kBFloat16 || dtype == kHalf || dtype == kDouble,
+               "mmfree: argument 'dtype' must be a floating dtype (float32, bfloat16, float16, float64), got ", dtype);
+  Tensor out = empty(x_q.sizes(), dtype, x_q);
+  const int64_t k = size_at(x_q, -1);
   if (x_q.is_cuda()) {
 #if defined(MMFREE_WITH_CUDA)
-    const c10::cuda::CUDAGuard guard(x_q.device());
-    const at::Tensor s = x_scale.contiguous();
-    const DequantRowsParams p{x_q.data_ptr<int8_t>(), s.data_ptr<float>(), k == 0 ? 0 : x_q.numel() / k, k,
-                              to_dtype(dtype), out.data_ptr()};
+    const CudaGuard guard(x_q);
+    const Tensor s = contig(x_scale);
+    const DequantRowsParams p{ptr<int8_t>(x_q), ptr<float>(s), k == 0 ? 0 : x_q.numel() / k, k, to_dtype(dtype),
+                              out.data_ptr()};
     MMFREE_CUDA_CHECK(cuda::dequantize_rows(p, current_stream(x_q)));
     return out;
 #endif
   }
-  at::mul_out(out, x_q, x_scale.unsqueeze(-1));
+  aten::mul_out(out, x_q, torch::stable::unsqueeze(x_scale, -1));
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mmfree, m) {
+#define MMFREE_DEQUANT_IMPLS(m) m.impl("dequantize_rows", TORCH_BOX(&dequantize_rows_impl));
+
+#if !defined(MMFREE_WITH_CUDA)
+STABLE_TORCH_LIBRARY_FRAGMENT(mmfree, m) {
   m.def("dequantize_rows(Tensor x_q, Tensor x_scale, ScalarType dtype) -> Tensor");
 }
-
-TORCH_LIBRARY_IMPL(mmfree, CPU, m) { m.impl("dequantize_rows", &dequantize_rows_impl); }
-
-#if defined(MMFREE_WITH_CUDA)
-TORCH_LIBRARY_IMPL(mmfree, CUDA, m) { m.impl("dequantize_rows", &dequantize_rows_impl); }
+STABLE_TORCH_LIBRARY_IMPL(mmfree, CPU, m) { MMFREE_DEQUANT_IMPLS(m) }
+#else
+STABLE_TORCH_LIBRARY_IMPL(mmfree, CUDA, m) { MMFREE_DEQUANT_IMPLS(m) }
 #endif
 
 }  // namespace binding

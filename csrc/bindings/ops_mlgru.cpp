@@ -10,62 +10,63 @@ namespace {
 // Checked, normalized arguments shared by forward and backward.
 struct ScanArgs {
   MlgruSeqs seqs;
-  at::ScalarType state_type;  // fp32, or fp64 for float64 inputs (CPU only)
+  ScalarType state_type;  // fp32, or fp64 for float64 inputs (CPU only)
   int64_t batch = 0, time = 0;
-  at::Tensor mask_u8;         // [N] uint8 view, or undefined
-  at::Tensor cu_seqlens_i64;  // [S+1] int64, or undefined
+  Tensor mask_u8;         // [N] uint8 view, or undefined
+  Tensor cu_seqlens_i64;  // [S+1] int64, or undefined
 };
 
 MlgruPath to_path(int64_t path) {
-  TORCH_CHECK(path >= 0 && path <= 2, "mmfree: argument 'path' must be 0 (auto), 1 (sequential) or 2 (chunked), got ",
+  MMFREE_CHECK(path >= 0 && path <= 2, "mmfree: argument 'path' must be 0 (auto), 1 (sequential) or 2 (chunked), got ",
               path);
   return static_cast<MlgruPath>(path);
 }
 
-ScanArgs check_scan_args(const at::Tensor& i, const at::Tensor& f, const std::optional<at::Tensor>& lower_bound,
-                         const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& mask,
-                         const std::optional<at::Tensor>& cu_seqlens) {
+ScanArgs check_scan_args(const Tensor& i, const Tensor& f, const std::optional<Tensor>& lower_bound,
+                         const std::optional<Tensor>& h0, const std::optional<Tensor>& mask,
+                         const std::optional<Tensor>& cu_seqlens) {
   check_float(i, "i");
   check_dim(i, "i", 3);
   check_contiguous(i, "i");
   check_same_device(f, "f", i, "i");
   check_dtype(f, "f", i.scalar_type());
-  TORCH_CHECK(f.sizes() == i.sizes(), "mmfree: argument 'f' must have the shape of 'i' ", i.sizes(), ", got ",
+  MMFREE_CHECK(f.sizes().equals(i.sizes()), "mmfree: argument 'f' must have the shape of 'i' ", i.sizes(), ", got ",
               f.sizes());
   check_contiguous(f, "f");
-  TORCH_CHECK(!(i.is_cuda() && i.scalar_type() == at::kDouble),
+  MMFREE_CHECK(!(i.is_cuda() && i.scalar_type() == kDouble),
               "mmfree: argument 'i' is float64 on CUDA; mlgru_scan supports float64 on CPU only (for gradcheck)");
   ScanArgs a;
   a.batch = i.size(0);
   a.time = i.size(1);
   const int64_t dim = i.size(2);
-  a.state_type = i.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  a.state_type = i.scalar_type() == kDouble ? kDouble : kFloat;
   a.seqs.dim = dim;
   a.seqs.tokens = a.batch * a.time;
   a.seqs.num_seqs = a.batch;
   a.seqs.seq_len = a.time;
 
   if (cu_seqlens.has_value()) {
-    const at::Tensor& cu = *cu_seqlens;
+    const Tensor& cu = *cu_seqlens;
     check_same_device(cu, "cu_seqlens", i, "i");
-    TORCH_CHECK(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong,
+    MMFREE_CHECK(cu.scalar_type() == kInt || cu.scalar_type() == kLong,
                 "mmfree: argument 'cu_seqlens' must have dtype int32 or int64, got ", cu.scalar_type());
     check_dim(cu, "cu_seqlens", 1);
-    TORCH_CHECK(cu.size(0) >= 1, "mmfree: argument 'cu_seqlens' must have S+1 >= 1 elements, got shape ", cu.sizes());
-    TORCH_CHECK(a.batch == 1, "mmfree: argument 'cu_seqlens' (varlen) requires B == 1, got 'i' of shape ",
+    MMFREE_CHECK(cu.size(0) >= 1, "mmfree: argument 'cu_seqlens' must have S+1 >= 1 elements, got shape ", cu.sizes());
+    MMFREE_CHECK(a.batch == 1, "mmfree: argument 'cu_seqlens' (varlen) requires B == 1, got 'i' of shape ",
                 i.sizes());
-    a.cu_seqlens_i64 = cu.to(at::kLong).contiguous();
+    a.cu_seqlens_i64 = contig(to(cu, kLong));
     a.seqs.num_seqs = cu.size(0) - 1;
-    a.seqs.cu_seqlens = a.cu_seqlens_i64.data_ptr<int64_t>();
+    a.seqs.cu_seqlens = ptr<int64_t>(a.cu_seqlens_i64);
     if (!cu.is_cuda()) {  // on CUDA a check would sync; the kernels clamp offsets into [0, T] instead
       const int64_t* o = a.seqs.cu_seqlens;
       bool ok = o[0] == 0 && o[a.seqs.num_seqs] == a.time;
       for (int64_t s = 0; s < a.seqs.num_seqs && ok; ++s) ok = o[s] <= o[s + 1];
-      TORCH_CHECK(ok, "mmfree: argument 'cu_seqlens' must rise from 0 to T=", a.time, ", got ", cu);
+      MMFREE_CHECK(ok, "mmfree: argument 'cu_seqlens' must rise from 0 to T=", a.time, ", got ",
+                   std::vector<int64_t>(o, o + a.seqs.num_seqs + 1));
     }
   }
   if (lower_bound.has_value()) {
-    const at::Tensor& lb = *lower_bound;
+    const Tensor& lb = *lower_bound;
     check_same_device(lb, "lower_bound", i, "i");
     check_dtype(lb, "lower_bound", a.state_type);
     check_dim(lb, "lower_bound", 1);
@@ -73,49 +74,52 @@ ScanArgs check_scan_args(const at::Tensor& i, const at::Tensor& f, const std::op
     check_contiguous(lb, "lower_bound");
   }
   if (h0.has_value()) {
-    const at::Tensor& h = *h0;
+    const Tensor& h = *h0;
     check_same_device(h, "h0", i, "i");
     check_dtype(h, "h0", a.state_type);
     check_dim(h, "h0", 2);
-    TORCH_CHECK(h.size(0) == a.seqs.num_seqs && h.size(1) == dim, "mmfree: argument 'h0' must have shape [",
+    MMFREE_CHECK(h.size(0) == a.seqs.num_seqs && h.size(1) == dim, "mmfree: argument 'h0' must have shape [",
                 a.seqs.num_seqs, ", ", dim, "] ([B, D], or [S, D] with cu_seqlens), got ", h.sizes());
     check_contiguous(h, "h0");
   }
   if (mask.has_value()) {
-    const at::Tensor& m = *mask;
+    const Tensor& m = *mask;
     check_same_device(m, "mask", i, "i");
     check_dim(m, "mask", 2);
-    TORCH_CHECK(m.size(0) == a.batch && m.size(1) == a.time, "mmfree: argument 'mask' must have shape [", a.batch,
+    MMFREE_CHECK(m.size(0) == a.batch && m.size(1) == a.time, "mmfree: argument 'mask' must have shape [", a.batch,
                 ", ", a.time, "], got ", m.sizes());
-    TORCH_CHECK(!m.is_complex(), "mmfree: argument 'mask' must be bool, integer or floating, got ", m.scalar_type());
-    at::Tensor b = m.scalar_type() == at::kBool ? m.contiguous() : m.ne(0);
-    a.mask_u8 = b.view(at::kByte).reshape({a.seqs.tokens});
+    const ScalarType ms = m.scalar_type();
+    MMFREE_CHECK(ms != ScalarType::ComplexHalf && ms != ScalarType::ComplexFloat && ms != ScalarType::ComplexDouble,
+                 "mmfree: argument 'mask' must be bool, integer or floating, got ", ms);
+    // to(bool) is m != 0 (NaN counts as set, as ne(0) does).
+    const Tensor b = contig(to(m, kBool));
+    a.mask_u8 = torch::stable::reshape(view_dtype(b, kByte), {a.seqs.tokens});
   }
   return a;
 }
 
-const void* opt_ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+const void* opt_ptr(const std::optional<Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
-std::tuple<at::Tensor, at::Tensor> scan_impl(const at::Tensor& i, const at::Tensor& f,
-                                             const std::optional<at::Tensor>& lower_bound,
-                                             const std::optional<at::Tensor>& h0,
-                                             const std::optional<at::Tensor>& mask,
-                                             const std::optional<at::Tensor>& cu_seqlens, int64_t path) {
+std::tuple<Tensor, Tensor> scan_impl(const Tensor& i, const Tensor& f,
+                                             const std::optional<Tensor>& lower_bound,
+                                             const std::optional<Tensor>& h0,
+                                             const std::optional<Tensor>& mask,
+                                             const std::optional<Tensor>& cu_seqlens, int64_t path) {
   ScanArgs a = check_scan_args(i, f, lower_bound, h0, mask, cu_seqlens);
-  at::Tensor h = at::empty_like(i);
-  at::Tensor h_last = at::empty({a.seqs.num_seqs, a.seqs.dim}, i.options().dtype(a.state_type));
+  Tensor h = torch::stable::empty_like(i);
+  Tensor h_last = empty({a.seqs.num_seqs, a.seqs.dim}, a.state_type, i);
   MlgruScanParams p{a.seqs, to_dtype(i.scalar_type()), i.data_ptr(), f.data_ptr(), opt_ptr(lower_bound),
-                    opt_ptr(h0), a.mask_u8.defined() ? a.mask_u8.data_ptr<uint8_t>() : nullptr, h.data_ptr(),
+                    opt_ptr(h0), a.mask_u8.defined() ? ptr<uint8_t>(a.mask_u8) : nullptr, h.data_ptr(),
                     h_last.data_ptr(), to_path(path), nullptr};
   if (a.seqs.num_seqs == 0 || a.seqs.dim == 0) return {h, h_last};
   if (i.is_cuda()) {
 #if defined(MMFREE_WITH_CUDA)
-    const c10::cuda::CUDAGuard guard(i.device());
+    const CudaGuard guard(i);
     const int64_t ws = cuda::mlgru_workspace_floats(a.seqs, p.dtype, p.path);
-    at::Tensor workspace;
+    Tensor workspace;
     if (ws > 0) {
-      workspace = at::empty({ws}, i.options().dtype(at::kFloat));
-      p.workspace = workspace.data_ptr<float>();
+      workspace = empty({ws}, kFloat, i);
+      p.workspace = ptr<float>(workspace);
     }
     MMFREE_CUDA_CHECK(cuda::mlgru_scan(p, current_stream(i)));
 #endif
@@ -125,50 +129,50 @@ std::tuple<at::Tensor, at::Tensor> scan_impl(const at::Tensor& i, const at::Tens
   return {h, h_last};
 }
 
-std::tuple<at::Tensor, at::Tensor> scan(const at::Tensor& i, const at::Tensor& f,
-                                        const std::optional<at::Tensor>& lower_bound,
-                                        const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& mask,
-                                        const std::optional<at::Tensor>& cu_seqlens) {
+std::tuple<Tensor, Tensor> scan(const Tensor& i, const Tensor& f,
+                                        const std::optional<Tensor>& lower_bound,
+                                        const std::optional<Tensor>& h0, const std::optional<Tensor>& mask,
+                                        const std::optional<Tensor>& cu_seqlens) {
   return scan_impl(i, f, lower_bound, h0, mask, cu_seqlens, 0);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward(
-    const at::Tensor& grad_h, const at::Tensor& grad_h_last, const at::Tensor& i, const at::Tensor& f,
-    const std::optional<at::Tensor>& lower_bound, const std::optional<at::Tensor>& h0,
-    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens, int64_t path) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> scan_backward(
+    const Tensor& grad_h, const Tensor& grad_h_last, const Tensor& i, const Tensor& f,
+    const std::optional<Tensor>& lower_bound, const std::optional<Tensor>& h0,
+    const std::optional<Tensor>& mask, const std::optional<Tensor>& cu_seqlens, int64_t path) {
   ScanArgs a = check_scan_args(i, f, lower_bound, h0, mask, cu_seqlens);
   check_same_device(grad_h, "grad_h", i, "i");
   check_dtype(grad_h, "grad_h", i.scalar_type());
-  TORCH_CHECK(grad_h.sizes() == i.sizes(), "mmfree: argument 'grad_h' must have the shape of 'i' ", i.sizes(),
+  MMFREE_CHECK(grad_h.sizes().equals(i.sizes()), "mmfree: argument 'grad_h' must have the shape of 'i' ", i.sizes(),
               ", got ", grad_h.sizes());
   check_same_device(grad_h_last, "grad_h_last", i, "i");
   check_dtype(grad_h_last, "grad_h_last", a.state_type);
-  TORCH_CHECK(grad_h_last.dim() == 2 && grad_h_last.size(0) == a.seqs.num_seqs && grad_h_last.size(1) == a.seqs.dim,
+  MMFREE_CHECK(grad_h_last.dim() == 2 && grad_h_last.size(0) == a.seqs.num_seqs && grad_h_last.size(1) == a.seqs.dim,
               "mmfree: argument 'grad_h_last' must have shape [", a.seqs.num_seqs, ", ", a.seqs.dim, "], got ",
               grad_h_last.sizes());
   // Gradients arrive with arbitrary strides (expand of a scalar, transposes): copy if needed.
-  const at::Tensor gh = grad_h.contiguous();
-  const at::Tensor ghl = grad_h_last.contiguous();
-  at::Tensor grad_i = at::empty_like(i);
-  at::Tensor grad_f = at::empty_like(i);
-  at::Tensor grad_lb = at::empty({a.seqs.dim}, i.options().dtype(a.state_type));
-  at::Tensor grad_h0 = at::empty({a.seqs.num_seqs, a.seqs.dim}, i.options().dtype(a.state_type));
+  const Tensor gh = contig(grad_h);
+  const Tensor ghl = contig(grad_h_last);
+  Tensor grad_i = torch::stable::empty_like(i);
+  Tensor grad_f = torch::stable::empty_like(i);
+  Tensor grad_lb = empty({a.seqs.dim}, a.state_type, i);
+  Tensor grad_h0 = empty({a.seqs.num_seqs, a.seqs.dim}, a.state_type, i);
   if (a.seqs.num_seqs == 0 || a.seqs.dim == 0) {
-    grad_lb.zero_();
+    torch::stable::zero_(grad_lb);
     return {grad_i, grad_f, grad_lb, grad_h0};
   }
   MlgruScanBwdParams p{a.seqs, to_dtype(i.scalar_type()), i.data_ptr(), f.data_ptr(), opt_ptr(lower_bound),
-                       opt_ptr(h0), a.mask_u8.defined() ? a.mask_u8.data_ptr<uint8_t>() : nullptr, gh.data_ptr(),
+                       opt_ptr(h0), a.mask_u8.defined() ? ptr<uint8_t>(a.mask_u8) : nullptr, gh.data_ptr(),
                        ghl.data_ptr(), grad_i.data_ptr(), grad_f.data_ptr(), grad_lb.data_ptr(), grad_h0.data_ptr(),
                        to_path(path), nullptr};
   if (i.is_cuda()) {
 #if defined(MMFREE_WITH_CUDA)
-    const c10::cuda::CUDAGuard guard(i.device());
+    const CudaGuard guard(i);
     const int64_t ws = cuda::mlgru_bwd_workspace_floats(a.seqs, p.dtype, p.path);
-    at::Tensor workspace;
+    Tensor workspace;
     if (ws > 0) {
-      workspace = at::empty({ws}, i.options().dtype(at::kFloat));
-      p.workspace = workspace.data_ptr<float>();
+      workspace = empty({ws}, kFloat, i);
+      p.workspace = ptr<float>(workspace);
     }
     MMFREE_CUDA_CHECK(cuda::mlgru_scan_backward(p, current_stream(i)));
 #endif
@@ -180,7 +184,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mmfree, m) {
+#if !defined(MMFREE_WITH_CUDA)
+STABLE_TORCH_LIBRARY_FRAGMENT(mmfree, m) {
   m.def(
       "mlgru_scan(Tensor i, Tensor f, Tensor? lower_bound=None, Tensor? h0=None, Tensor? mask=None, "
       "Tensor? cu_seqlens=None) -> (Tensor h, Tensor h_last)");
@@ -193,17 +198,17 @@ TORCH_LIBRARY_FRAGMENT(mmfree, m) {
       "Tensor grad_h0)");
 }
 
-TORCH_LIBRARY_IMPL(mmfree, CPU, m) {
-  m.impl("mlgru_scan", &scan);
-  m.impl("mlgru_scan_impl", &scan_impl);
-  m.impl("mlgru_scan_backward", &scan_backward);
+STABLE_TORCH_LIBRARY_IMPL(mmfree, CPU, m) {
+  m.impl("mlgru_scan", TORCH_BOX(&scan));
+  m.impl("mlgru_scan_impl", TORCH_BOX(&scan_impl));
+  m.impl("mlgru_scan_backward", TORCH_BOX(&scan_backward));
 }
 
-#if defined(MMFREE_WITH_CUDA)
-TORCH_LIBRARY_IMPL(mmfree, CUDA, m) {
-  m.impl("mlgru_scan", &scan);
-  m.impl("mlgru_scan_impl", &scan_impl);
-  m.impl("mlgru_scan_backward", &scan_backward);
+#else
+STABLE_TORCH_LIBRARY_IMPL(mmfree, CUDA, m) {
+  m.impl("mlgru_scan", TORCH_BOX(&scan));
+  m.impl("mlgru_scan_impl", TORCH_BOX(&scan_impl));
+  m.impl("mlgru_scan_backward", TORCH_BOX(&scan_backward));
 }
 #endif
 

@@ -10,52 +10,56 @@ namespace binding {
 namespace {
 
 // The row input: a float tensor of >= 1 dims with a non-empty last dim, contiguous.
-int64_t check_rows_input(const at::Tensor& x, const char* name) {
+int64_t check_rows_input(const Tensor& x, const char* name) {
   check_float(x, name);
-  TORCH_CHECK(x.dim() >= 1, "mmfree: argument '", name, "' must have at least 1 dimension [..., K], got a 0-D tensor");
+  MMFREE_CHECK(x.dim() >= 1, "mmfree: argument '", name, "' must have at least 1 dimension [..., K], got a 0-D tensor");
   check_contiguous(x, name);
-  TORCH_CHECK(x.size(-1) >= 1, "mmfree: argument '", name, "' must have a non-empty last dimension K, got shape ",
+  MMFREE_CHECK(size_at(x, -1) >= 1, "mmfree: argument '", name, "' must have a non-empty last dimension K, got shape ",
               x.sizes());
-  return x.size(-1);
+  return size_at(x, -1);
 }
 
 // A companion of the row input: same dtype, shape and device, contiguous.
-void check_like(const at::Tensor& t, const char* name, const at::Tensor& x, const char* x_name) {
+void check_like(const Tensor& t, const char* name, const Tensor& x, const char* x_name) {
   check_defined(t, name);
   check_same_device(t, name, x, x_name);
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "mmfree: argument '", name, "' must have the dtype of '", x_name,
+  MMFREE_CHECK(t.scalar_type() == x.scalar_type(), "mmfree: argument '", name, "' must have the dtype of '", x_name,
               "' (", x.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == x.sizes(), "mmfree: argument '", name, "' must have the shape of '", x_name, "' ",
+  MMFREE_CHECK(t.sizes().equals(x.sizes()), "mmfree: argument '", name, "' must have the shape of '", x_name, "' ",
               x.sizes(), ", got ", t.sizes());
   check_contiguous(t, name);
 }
 
-void check_weight(const at::Tensor& w, const char* name, int64_t k, const at::Tensor& x, const char* x_name) {
+void check_weight(const Tensor& w, const char* name, int64_t k, const Tensor& x, const char* x_name) {
   check_float(w, name);
   check_same_device(w, name, x, x_name);
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == k, "mmfree: argument '", name, "' must be 1-D of size K=", k,
+  MMFREE_CHECK(w.dim() == 1 && w.size(0) == k, "mmfree: argument '", name, "' must be 1-D of size K=", k,
               " (the last dimension of '", x_name, "'), got shape ", w.sizes());
   check_contiguous(w, name);
 }
 
-int64_t rows_of(const at::Tensor& x) { return x.numel() / x.size(-1); }
+int64_t rows_of(const Tensor& x) { return x.numel() / size_at(x, -1); }
 
-std::vector<int64_t> lead_shape(const at::Tensor& x) { return std::vector<int64_t>(x.sizes().begin(), x.sizes().end() - 1); }
+std::vector<int64_t> lead_shape(const Tensor& x) {
+  std::vector<int64_t> s = sizes_vec(x);
+  s.pop_back();
+  return s;
+}
 
 #if defined(MMFREE_WITH_CUDA)
 // The CUDA kernels read weights in the input dtype or fp32; other mixes go through fp32.
-at::Tensor cuda_weight(const at::Tensor& w, const at::Tensor& x) {
-  return (w.scalar_type() == x.scalar_type() || w.scalar_type() == at::kFloat) ? w : w.to(at::kFloat);
+Tensor cuda_weight(const Tensor& w, const Tensor& x) {
+  return (w.scalar_type() == x.scalar_type() || w.scalar_type() == kFloat) ? w : to(w, kFloat);
 }
 #endif
 
-std::tuple<at::Tensor, at::Tensor> quant_impl(const at::Tensor& x, at::Tensor weights, double eps, bool multi) {
+std::tuple<Tensor, Tensor> quant_impl(const Tensor& x, Tensor weights, double eps, bool multi) {
   const int64_t k = check_rows_input(x, "x");
   int64_t num_w = 1;
   if (multi) {
     check_float(weights, "weights");
     check_same_device(weights, "weights", x, "x");
-    TORCH_CHECK(weights.dim() == 2 && weights.size(0) >= 1 && weights.size(1) == k,
+    MMFREE_CHECK(weights.dim() == 2 && weights.size(0) >= 1 && weights.size(1) == k,
                 "mmfree: argument 'weights' must be 2-D [P, K] with P >= 1 and K=", k,
                 " (the last dimension of 'x'), got shape ", weights.sizes());
     check_contiguous(weights, "weights");
@@ -63,24 +67,24 @@ std::tuple<at::Tensor, at::Tensor> quant_impl(const at::Tensor& x, at::Tensor we
   } else {
     check_weight(weights, "weight", k, x, "x");
   }
-  std::vector<int64_t> q_shape(x.sizes().begin(), x.sizes().end());
+  std::vector<int64_t> q_shape = sizes_vec(x);
   std::vector<int64_t> s_shape = lead_shape(x);
   if (multi) {
     q_shape.insert(q_shape.begin(), num_w);
     s_shape.insert(s_shape.begin(), num_w);
   }
-  at::Tensor x_q = at::empty(q_shape, x.options().dtype(at::kChar));
-  at::Tensor x_scale = at::empty(s_shape, x.options().dtype(at::kFloat));
+  Tensor x_q = empty(q_shape, kChar, x);
+  Tensor x_scale = empty(s_shape, kFloat, x);
   const int64_t rows = rows_of(x);
   if (rows == 0) return {x_q, x_scale};
 #if defined(MMFREE_WITH_CUDA)
   if (x.is_cuda()) weights = cuda_weight(weights, x);
 #endif
   RmsNormQuantParams p{x.data_ptr(), to_dtype(x.scalar_type()), weights.data_ptr(), to_dtype(weights.scalar_type()),
-                       num_w, rows, k, static_cast<float>(eps), x_q.data_ptr<int8_t>(), x_scale.data_ptr<float>()};
+                       num_w, rows, k, static_cast<float>(eps), x_q.mutable_data_ptr<int8_t>(), x_scale.mutable_data_ptr<float>()};
   if (x.is_cuda()) {
 #if defined(MMFREE_WITH_CUDA)
-    const c10::cuda::CUDAGuard guard(x.device());
+    const CudaGuard guard(x);
     MMFREE_CUDA_CHECK(cuda::rms_norm_quant(p, current_stream(x)));
 #endif
   } else {
@@ -89,25 +93,25 @@ std::tuple<at::Tensor, at::Tensor> quant_impl(const at::Tensor& x, at::Tensor we
   return {x_q, x_scale};
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_quant_impl(const at::Tensor& x, const at::Tensor& weight, double eps) {
+std::tuple<Tensor, Tensor> rms_norm_quant_impl(const Tensor& x, const Tensor& weight, double eps) {
   return quant_impl(x, weight, eps, false);
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_quant_multi_impl(const at::Tensor& x, const at::Tensor& weights,
+std::tuple<Tensor, Tensor> rms_norm_quant_multi_impl(const Tensor& x, const Tensor& weights,
                                                               double eps) {
   return quant_impl(x, weights, eps, true);
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_impl(const at::Tensor& x, const at::Tensor& weight_in, double eps,
-                                                 const std::optional<at::Tensor>& residual) {
+std::tuple<Tensor, Tensor> rms_norm_impl(const Tensor& x, const Tensor& weight_in, double eps,
+                                                 const std::optional<Tensor>& residual) {
   const int64_t k = check_rows_input(x, "x");
   check_weight(weight_in, "weight", k, x, "x");
   if (residual.has_value()) check_like(*residual, "residual", x, "x");
-  at::Tensor y = at::empty_like(x);
-  at::Tensor residual_out = at::empty_like(x);
+  Tensor y = torch::stable::empty_like(x);
+  Tensor residual_out = torch::stable::empty_like(x);
   const int64_t rows = rows_of(x);
   if (rows == 0) return {y, residual_out};
-  at::Tensor weight = weight_in;
+  Tensor weight = weight_in;
 #if defined(MMFREE_WITH_CUDA)
   if (x.is_cuda()) weight = cuda_weight(weight_in, x);
 #endif
@@ -116,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_impl(const at::Tensor& x, const at::
                   y.data_ptr(), residual_out.data_ptr()};
   if (x.is_cuda()) {
 #if defined(MMFREE_WITH_CUDA)
-    const c10::cuda::CUDAGuard guard(x.device());
+    const CudaGuard guard(x);
     MMFREE_CUDA_CHECK(cuda::rms_norm(p, current_stream(x)));
 #endif
   } else {
@@ -125,17 +129,17 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_impl(const at::Tensor& x, const at::
   return {y, residual_out};
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_backward_impl(const at::Tensor& grad_y, const at::Tensor& x,
-                                                          const at::Tensor& weight, double eps,
-                                                          const std::optional<at::Tensor>& residual,
-                                                          const std::optional<at::Tensor>& grad_residual) {
+std::tuple<Tensor, Tensor> rms_norm_backward_impl(const Tensor& grad_y, const Tensor& x,
+                                                          const Tensor& weight, double eps,
+                                                          const std::optional<Tensor>& residual,
+                                                          const std::optional<Tensor>& grad_residual) {
   const int64_t k = check_rows_input(x, "x");
   check_weight(weight, "weight", k, x, "x");
   check_like(grad_y, "grad_y", x, "x");
   if (residual.has_value()) check_like(*residual, "residual", x, "x");
   if (grad_residual.has_value()) check_like(*grad_residual, "grad_residual", x, "x");
-  at::Tensor dx = at::empty_like(x);
-  at::Tensor dweight = at::empty_like(weight);
+  Tensor dx = torch::stable::empty_like(x);
+  Tensor dweight = torch::stable::empty_like(weight);
   const int64_t rows = rows_of(x);
   RmsNormBackwardParams p{grad_y.data_ptr(),
                           x.data_ptr(),
@@ -152,8 +156,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_impl(const at::Tensor& grad
                           nullptr};
   if (x.is_cuda()) {
 #if defined(MMFREE_WITH_CUDA)
-    const c10::cuda::CUDAGuard guard(x.device());
-    at::Tensor ws = at::empty({std::max<int64_t>(norm_backward_partial_rows(rows), 1), k}, x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+    const CudaGuard guard(x);
+    Tensor ws = empty({std::max<int64_t>(norm_backward_partial_rows(rows), 1), k}, x.scalar_type() == kDouble ? kDouble : kFloat, x);
     p.dweight_partial = ws.data_ptr();
     MMFREE_CUDA_CHECK(cuda::rms_norm_backward(p, current_stream(x)));
 #endif
@@ -163,19 +167,19 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_impl(const at::Tensor& grad
   return {dx, dweight};
 }
 
-void check_gate_inputs(const at::Tensor& g, const at::Tensor& h, const at::Tensor& weight, int64_t* k) {
+void check_gate_inputs(const Tensor& g, const Tensor& h, const Tensor& weight, int64_t* k) {
   *k = check_rows_input(g, "g");
   check_like(h, "h", g, "g");
   check_weight(weight, "weight", *k, g, "g");
 }
 
-at::Tensor rms_norm_swish_gate_impl(const at::Tensor& g, const at::Tensor& h, const at::Tensor& weight_in, double eps) {
+Tensor rms_norm_swish_gate_impl(const Tensor& g, const Tensor& h, const Tensor& weight_in, double eps) {
   int64_t k = 0;
   check_gate_inputs(g, h, weight_in, &k);
-  at::Tensor y = at::empty_like(g);
+  Tensor y = torch::stable::empty_like(g);
   const int64_t rows = rows_of(g);
   if (rows == 0) return y;
-  at::Tensor weight = weight_in;
+  Tensor weight = weight_in;
 #if defined(MMFREE_WITH_CUDA)
   if (g.is_cuda()) weight = cuda_weight(weight_in, g);
 #endif
@@ -191,7 +195,7 @@ at::Tensor rms_norm_swish_gate_impl(const at::Tensor& g, const at::Tensor& h, co
   p.y = y.data_ptr();
   if (g.is_cuda()) {
 #if defined(MMFREE_WITH_CUDA)
-    const c10::cuda::CUDAGuard guard(g.device());
+    const CudaGuard guard(g);
     MMFREE_CUDA_CHECK(cuda::rms_norm_swish_gate(p, current_stream(g)));
 #endif
   } else {
@@ -200,17 +204,17 @@ at::Tensor rms_norm_swish_gate_impl(const at::Tensor& g, const at::Tensor& h, co
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_swish_gate_quant_impl(const at::Tensor& g, const at::Tensor& h,
-                                                                  const at::Tensor& weight_in, double eps,
-                                                                  const at::Tensor& norm_weight_in, double norm_eps) {
+std::tuple<Tensor, Tensor> rms_norm_swish_gate_quant_impl(const Tensor& g, const Tensor& h,
+                                                                  const Tensor& weight_in, double eps,
+                                                                  const Tensor& norm_weight_in, double norm_eps) {
   int64_t k = 0;
   check_gate_inputs(g, h, weight_in, &k);
   check_weight(norm_weight_in, "norm_weight", k, g, "g");
-  at::Tensor x_q = at::empty(g.sizes(), g.options().dtype(at::kChar));
-  at::Tensor x_scale = at::empty(lead_shape(g), g.options().dtype(at::kFloat));
+  Tensor x_q = empty(g.sizes(), kChar, g);
+  Tensor x_scale = empty(lead_shape(g), kFloat, g);
   const int64_t rows = rows_of(g);
   if (rows == 0) return {x_q, x_scale};
-  at::Tensor weight = weight_in, norm_weight = norm_weight_in;
+  Tensor weight = weight_in, norm_weight = norm_weight_in;
 #if defined(MMFREE_WITH_CUDA)
   if (g.is_cuda()) {
     weight = cuda_weight(weight_in, g);
@@ -229,11 +233,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_swish_gate_quant_impl(const at::Tens
   p.norm_weight = norm_weight.data_ptr();
   p.norm_w_dtype = to_dtype(norm_weight.scalar_type());
   p.norm_eps = static_cast<float>(norm_eps);
-  p.x_q = x_q.data_ptr<int8_t>();
-  p.x_scale = x_scale.data_ptr<float>();
+  p.x_q = x_q.mutable_data_ptr<int8_t>();
+  p.x_scale = x_scale.mutable_data_ptr<float>();
   if (g.is_cuda()) {
 #if defined(MMFREE_WITH_CUDA)
-    const c10::cuda::CUDAGuard guard(g.device());
+    const CudaGuard guard(g);
     MMFREE_CUDA_CHECK(cuda::rms_norm_swish_gate_quant(p, current_stream(g)));
 #endif
   } else {
@@ -242,16 +246,16 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_swish_gate_quant_impl(const at::Tens
   return {x_q, x_scale};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_swish_gate_backward_impl(const at::Tensor& grad_y,
-                                                                                 const at::Tensor& g,
-                                                                                 const at::Tensor& h,
-                                                                                 const at::Tensor& weight, double eps) {
+std::tuple<Tensor, Tensor, Tensor> rms_norm_swish_gate_backward_impl(const Tensor& grad_y,
+                                                                                 const Tensor& g,
+                                                                                 const Tensor& h,
+                                                                                 const Tensor& weight, double eps) {
   int64_t k = 0;
   check_gate_inputs(g, h, weight, &k);
   check_like(grad_y, "grad_y", g, "g");
-  at::Tensor dg = at::empty_like(g);
-  at::Tensor dh = at::empty_like(h);
-  at::Tensor dweight = at::empty_like(weight);
+  Tensor dg = torch::stable::empty_like(g);
+  Tensor dh = torch::stable::empty_like(h);
+  Tensor dweight = torch::stable::empty_like(weight);
   const int64_t rows = rows_of(g);
   RmsNormSwishGateBackwardParams p{grad_y.data_ptr(), g.data_ptr(), h.data_ptr(), to_dtype(g.scalar_type()),
                                    weight.data_ptr(), to_dtype(weight.scalar_type()), rows, k,
@@ -259,8 +263,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_swish_gate_backward_impl
                                    nullptr};
   if (g.is_cuda()) {
 #if defined(MMFREE_WITH_CUDA)
-    const c10::cuda::CUDAGuard guard(g.device());
-    at::Tensor ws = at::empty({std::max<int64_t>(norm_backward_partial_rows(rows), 1), k}, g.options().dtype(g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+    const CudaGuard guard(g);
+    Tensor ws = empty({std::max<int64_t>(norm_backward_partial_rows(rows), 1), k}, g.scalar_type() == kDouble ? kDouble : kFloat, g);
     p.dweight_partial = ws.data_ptr();
     MMFREE_CUDA_CHECK(cuda::rms_norm_swish_gate_backward(p, current_stream(g)));
 #endif
@@ -272,7 +276,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_swish_gate_backward_impl
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mmfree, m) {
+#define MMFREE_NORM_IMPLS(m)                                                                        \
+  m.impl("rms_norm_quant", TORCH_BOX(&rms_norm_quant_impl));                                        \
+  m.impl("rms_norm_quant_multi", TORCH_BOX(&rms_norm_quant_multi_impl));                            \
+  m.impl("rms_norm", TORCH_BOX(&rms_norm_impl));                                                    \
+  m.impl("rms_norm_backward", TORCH_BOX(&rms_norm_backward_impl));                                  \
+  m.impl("rms_norm_swish_gate", TORCH_BOX(&rms_norm_swish_gate_impl));                              \
+  m.impl("rms_norm_swish_gate_backward", TORCH_BOX(&rms_norm_swish_gate_backward_impl));            \
+  m.impl("rms_norm_swish_gate_quant", TORCH_BOX(&rms_norm_swish_gate_quant_impl));
+
+#if !defined(MMFREE_WITH_CUDA)
+STABLE_TORCH_LIBRARY_FRAGMENT(mmfree, m) {
   m.def("rms_norm_quant(Tensor x, Tensor weight, float eps) -> (Tensor x_q, Tensor x_scale)");
   m.def("rms_norm_quant_multi(Tensor x, Tensor weights, float eps) -> (Tensor x_q, Tensor x_scale)");
   m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor? residual=None) -> (Tensor y, Tensor residual_out)");
@@ -288,28 +302,9 @@ TORCH_LIBRARY_FRAGMENT(mmfree, m) {
       "float norm_eps) -> (Tensor x_q, Tensor x_scale)");
 }
 
-#define MMFREE_NORM_IMPLS(m)                                                 \
-  m.impl("rms_norm_quant", &rms_norm_quant_impl);                            \
-  m.impl("rms_norm_quant_multi", &rms_norm_quant_multi_impl);                \
-  m.impl("rms_norm", &rms_norm_impl);                                        \
-  m.impl("rms_norm_backward", &rms_norm_backward_impl);                      \
-  m.impl("rms_norm_swish_gate", &rms_norm_swish_gate_impl);                  \
-  m.impl("rms_norm_swish_gate_backward", &rms_norm_swish_gate_backward_impl); \
-  m.impl("rms_norm_swish_gate_quant", &rms_norm_swish_gate_quant_impl);
-
-TORCH_LIBRARY_IMPL(mmfree, CPU, m) { MMFREE_NORM_IMPLS(m) }
-
-// The quantizing ops are not differentiable: their outputs are constants to autograd (int8
-// codes have no gradient; BitLinear's straight-through estimator differentiates the
-// normalized activation itself, as reference.bit_linear does).
-TORCH_LIBRARY_IMPL(mmfree, Autograd, m) {
-  m.impl("rms_norm_quant", torch::CppFunction::makeFallthrough());
-  m.impl("rms_norm_quant_multi", torch::CppFunction::makeFallthrough());
-  m.impl("rms_norm_swish_gate_quant", torch::CppFunction::makeFallthrough());
-}
-
-#if defined(MMFREE_WITH_CUDA)
-TORCH_LIBRARY_IMPL(mmfree, CUDA, m) { MMFREE_NORM_IMPLS(m) }
+STABLE_TORCH_LIBRARY_IMPL(mmfree, CPU, m) { MMFREE_NORM_IMPLS(m) }
+#else
+STABLE_TORCH_LIBRARY_IMPL(mmfree, CUDA, m) { MMFREE_NORM_IMPLS(m) }
 #endif
 
 }  // namespace binding

@@ -8,8 +8,6 @@
 // one implementation serves CPU and CUDA; autograd is attached in Python
 // (mmfree_ext/ops/ternary.py). The backward ops recompute the int8 activations from x
 // instead of saving them: nothing but the op inputs is kept for backward.
-#include <ATen/core/dispatch/Dispatcher.h>
-
 #include <algorithm>
 #include <cstdlib>
 #include <string>
@@ -24,45 +22,46 @@ namespace mmfree {
 namespace binding {
 namespace {
 
-void check_packed_for(const at::Tensor& packed, int64_t k, const at::Tensor& ref, const char* ref_name) {
-  check_dtype(packed, "packed", at::kByte);
+void check_packed_for(const Tensor& packed, int64_t k, const Tensor& ref, const char* ref_name) {
+  check_dtype(packed, "packed", kByte);
   check_dim(packed, "packed", 2);
   check_contiguous(packed, "packed");
   check_same_device(packed, "packed", ref, ref_name);
-  TORCH_CHECK(packed.size(1) == ternary::row_bytes(k), "mmfree: argument 'packed' must have ", ternary::row_bytes(k),
+  MMFREE_CHECK(packed.size(1) == ternary::row_bytes(k), "mmfree: argument 'packed' must have ", ternary::row_bytes(k),
               " bytes per row (ceil(K/128)*32) for K=", k, " taken from '", ref_name, "', got shape ", packed.sizes());
 }
 
-void check_w_scale(const at::Tensor& w_scale, const at::Tensor& ref, const char* ref_name) {
-  check_dtype(w_scale, "w_scale", at::kFloat);
+void check_w_scale(const Tensor& w_scale, const Tensor& ref, const char* ref_name) {
+  check_dtype(w_scale, "w_scale", kFloat);
   check_numel(w_scale, "w_scale", 1);
   check_same_device(w_scale, "w_scale", ref, ref_name);
 }
 
 // x_scale: fp32, contiguous, one element per row of x_q (its leading dims).
-void check_x_scale(const at::Tensor& x_scale, const at::Tensor& x_q) {
-  check_dtype(x_scale, "x_scale", at::kFloat);
+void check_x_scale(const Tensor& x_scale, const Tensor& x_q) {
+  check_dtype(x_scale, "x_scale", kFloat);
   check_contiguous(x_scale, "x_scale");
   check_same_device(x_scale, "x_scale", x_q, "x_q");
-  TORCH_CHECK(x_scale.sizes() == x_q.sizes().slice(0, x_q.dim() - 1), "mmfree: argument 'x_scale' must have shape ",
-              x_q.sizes().slice(0, x_q.dim() - 1), " (x_q's leading dims), got ", x_scale.sizes());
+  const IntArrayRef lead = x_q.sizes().slice(0, x_q.dim() - 1);
+  MMFREE_CHECK(x_scale.sizes().equals(lead), "mmfree: argument 'x_scale' must have shape ", lead,
+               " (x_q's leading dims), got ", x_scale.sizes());
 }
 
-void check_norm_weight(const at::Tensor& norm_weight, int64_t k, const at::Tensor& x) {
+void check_norm_weight(const Tensor& norm_weight, int64_t k, const Tensor& x) {
   check_float(norm_weight, "norm_weight");
   check_dim(norm_weight, "norm_weight", 1);
   check_same_device(norm_weight, "norm_weight", x, "x");
-  TORCH_CHECK(norm_weight.size(0) == k, "mmfree: argument 'norm_weight' must have K=", k,
+  MMFREE_CHECK(norm_weight.size(0) == k, "mmfree: argument 'norm_weight' must have K=", k,
               " elements (the last dim of 'x'), got shape ", norm_weight.sizes());
 }
 
-void check_x(const at::Tensor& x) {
+void check_x(const Tensor& x) {
   check_float(x, "x");
-  TORCH_CHECK(x.dim() >= 1, "mmfree: argument 'x' must have at least 1 dim [..., K], got a 0-dim tensor");
-  TORCH_CHECK(x.size(-1) >= 1, "mmfree: argument 'x' must have K >= 1 (last dim), got shape ", x.sizes());
+  MMFREE_CHECK(x.dim() >= 1, "mmfree: argument 'x' must have at least 1 dim [..., K], got a 0-dim tensor");
+  MMFREE_CHECK(size_at(x, -1) >= 1, "mmfree: argument 'x' must have K >= 1 (last dim), got shape ", x.sizes());
 }
 
-std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+std::vector<int64_t> with_last(IntArrayRef sizes, int64_t last) {
   std::vector<int64_t> out(sizes.begin(), sizes.end());
   out.back() = last;
   return out;
@@ -79,11 +78,11 @@ std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
 cuda::TernaryGemmImpl gemm_impl_from_env() {
   const char* v = std::getenv("MMFREE_TERNARY_GEMM");
   const std::string impl = v == nullptr ? "" : v;
-  TORCH_CHECK(impl.empty() || impl == "auto" || impl == "mma" || impl == "sm90",
+  MMFREE_CHECK(impl.empty() || impl == "auto" || impl == "mma" || impl == "sm90",
               "mmfree: MMFREE_TERNARY_GEMM must be 'auto', 'mma' or 'sm90', got '", impl, "'");
   if (impl == "mma") return cuda::TernaryGemmImpl::kMma;
   if (impl == "sm90") {
-    TORCH_CHECK(cuda::ternary_gemm_sm90_built(),
+    MMFREE_CHECK(cuda::ternary_gemm_sm90_built(),
                 "mmfree: MMFREE_TERNARY_GEMM=sm90 needs a build whose CUDA arch list has 90");
     return cuda::TernaryGemmImpl::kSm90;
   }
@@ -91,35 +90,35 @@ cuda::TernaryGemmImpl gemm_impl_from_env() {
 }
 
 void check_gemm_launch(cudaError_t err, cuda::TernaryGemmImpl impl) {
-  TORCH_CHECK(!(err == cudaErrorNotSupported && impl == cuda::TernaryGemmImpl::kSm90),
+  MMFREE_CHECK(!(err == cudaErrorNotSupported && impl == cuda::TernaryGemmImpl::kSm90),
               "mmfree: MMFREE_TERNARY_GEMM=sm90 needs an sm_90 GPU (H100/H200)");
   MMFREE_CUDA_CHECK(err);
 }
 #endif
 
-at::Tensor ternary_matmul_impl(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& packed,
-                               const at::Tensor& w_scale, at::ScalarType out_dtype) {
-  check_dtype(x_q, "x_q", at::kChar);
-  TORCH_CHECK(x_q.dim() >= 1, "mmfree: argument 'x_q' must have at least 1 dim [..., K], got a 0-dim tensor");
+Tensor ternary_matmul_impl(const Tensor& x_q, const Tensor& x_scale, const Tensor& packed,
+                               const Tensor& w_scale, ScalarType out_dtype) {
+  check_dtype(x_q, "x_q", kChar);
+  MMFREE_CHECK(x_q.dim() >= 1, "mmfree: argument 'x_q' must have at least 1 dim [..., K], got a 0-dim tensor");
   check_contiguous(x_q, "x_q");
-  const int64_t k = x_q.size(-1);
-  TORCH_CHECK(k >= 1, "mmfree: argument 'x_q' must have K >= 1 (last dim), got shape ", x_q.sizes());
+  const int64_t k = size_at(x_q, -1);
+  MMFREE_CHECK(k >= 1, "mmfree: argument 'x_q' must have K >= 1 (last dim), got shape ", x_q.sizes());
   check_x_scale(x_scale, x_q);
   check_packed_for(packed, k, x_q, "x_q");
   check_w_scale(w_scale, x_q, "x_q");
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
+  MMFREE_CHECK(out_dtype == kFloat || out_dtype == kBFloat16 || out_dtype == kHalf,
               "mmfree: argument 'out_dtype' must be float32, bfloat16 or float16, got ", out_dtype);
 
   const int64_t n = packed.size(0);
   const int64_t m = x_q.numel() / k;
-  at::Tensor out = at::empty(with_last(x_q.sizes(), n), x_q.options().dtype(out_dtype));
+  Tensor out = empty(with_last(x_q.sizes(), n), out_dtype, x_q);
   if (m == 0 || n == 0) return out;
-  TernaryMatmulParams p{x_q.data_ptr<int8_t>(), k,   x_scale.data_ptr<float>(), packed.data_ptr<uint8_t>(),
-                        w_scale.data_ptr<float>(),  out.data_ptr(),            to_dtype(out_dtype),
+  TernaryMatmulParams p{ptr<int8_t>(x_q), k,   ptr<float>(x_scale), ptr<uint8_t>(packed),
+                        ptr<float>(w_scale),  out.data_ptr(),            to_dtype(out_dtype),
                         m,                          n,                         k};
   if (x_q.is_cuda()) {
 #if defined(MMFREE_WITH_CUDA)
-    const c10::cuda::CUDAGuard guard(x_q.device());
+    const CudaGuard guard(x_q);
     const cuda::TernaryGemmImpl impl = gemm_impl_from_env();
     check_gemm_launch(cuda::ternary_matmul(p, current_stream(x_q), impl), impl);
 #endif
@@ -134,42 +133,42 @@ at::Tensor ternary_matmul_impl(const at::Tensor& x_q, const at::Tensor& x_scale,
 // G products of the same shape in one call: out[g] = ternary_matmul(x_q[g], x_scale[g],
 // packed[g], w_scale[g]). On CUDA, decode-sized ones share one GEMV launch (the i/f/g
 // projections of a decode step).
-at::Tensor ternary_matmul_grouped_impl(const at::Tensor& x_q, const at::Tensor& x_scale, at::TensorList packed,
-                                       at::TensorList w_scale, at::ScalarType out_dtype) {
-  check_dtype(x_q, "x_q", at::kChar);
-  TORCH_CHECK(x_q.dim() >= 2, "mmfree: argument 'x_q' must be [G, ..., K] with at least 2 dims, got shape ", x_q.sizes());
+Tensor ternary_matmul_grouped_impl(const Tensor& x_q, const Tensor& x_scale, const std::vector<Tensor>& packed,
+                                       const std::vector<Tensor>& w_scale, ScalarType out_dtype) {
+  check_dtype(x_q, "x_q", kChar);
+  MMFREE_CHECK(x_q.dim() >= 2, "mmfree: argument 'x_q' must be [G, ..., K] with at least 2 dims, got shape ", x_q.sizes());
   check_contiguous(x_q, "x_q");
   const int64_t groups = x_q.size(0);
-  TORCH_CHECK(groups >= 1 && static_cast<int64_t>(packed.size()) == groups &&
+  MMFREE_CHECK(groups >= 1 && static_cast<int64_t>(packed.size()) == groups &&
                   static_cast<int64_t>(w_scale.size()) == groups,
               "mmfree: ternary_matmul_grouped needs one 'packed' and one 'w_scale' per group: x_q has G=", groups,
               ", got ", packed.size(), " packed and ", w_scale.size(), " w_scale tensors");
-  const int64_t k = x_q.size(-1);
-  TORCH_CHECK(k >= 1, "mmfree: argument 'x_q' must have K >= 1 (last dim), got shape ", x_q.sizes());
+  const int64_t k = size_at(x_q, -1);
+  MMFREE_CHECK(k >= 1, "mmfree: argument 'x_q' must have K >= 1 (last dim), got shape ", x_q.sizes());
   check_x_scale(x_scale, x_q);
   const int64_t n = packed[0].dim() == 2 ? packed[0].size(0) : -1;
   for (int64_t g = 0; g < groups; ++g) {
     check_packed_for(packed[g], k, x_q, "x_q");
     check_w_scale(w_scale[g], x_q, "x_q");
-    TORCH_CHECK(packed[g].size(0) == n, "mmfree: every 'packed' must have the same N rows, got ", n, " and ",
+    MMFREE_CHECK(packed[g].size(0) == n, "mmfree: every 'packed' must have the same N rows, got ", n, " and ",
                 packed[g].size(0), " (group ", g, ")");
   }
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
+  MMFREE_CHECK(out_dtype == kFloat || out_dtype == kBFloat16 || out_dtype == kHalf,
               "mmfree: argument 'out_dtype' must be float32, bfloat16 or float16, got ", out_dtype);
-  at::Tensor out = at::empty(with_last(x_q.sizes(), n), x_q.options().dtype(out_dtype));
+  Tensor out = empty(with_last(x_q.sizes(), n), out_dtype, x_q);
   const int64_t m = x_q.numel() / (k * groups);
   if (m == 0 || n == 0) return out;
   std::vector<TernaryMatmulParams> ps;
   const int64_t esize = out.element_size();
   for (int64_t g = 0; g < groups; ++g) {
-    ps.push_back(TernaryMatmulParams{x_q.data_ptr<int8_t>() + g * m * k, k, x_scale.data_ptr<float>() + g * m,
-                                     packed[g].data_ptr<uint8_t>(), w_scale[g].data_ptr<float>(),
+    ps.push_back(TernaryMatmulParams{ptr<int8_t>(x_q) + g * m * k, k, ptr<float>(x_scale) + g * m,
+                                     ptr<uint8_t>(packed[g]), ptr<float>(w_scale[g]),
                                      static_cast<char*>(out.data_ptr()) + g * m * n * esize, to_dtype(out_dtype), m,
                                      n, k});
   }
   if (x_q.is_cuda()) {
 #if defined(MMFREE_WITH_CUDA)
-    const c10::cuda::CUDAGuard guard(x_q.device());
+    const CudaGuard guard(x_q);
     const cuda::TernaryGemmImpl impl = gemm_impl_from_env();
     check_gemm_launch(cuda::ternary_matmul_grouped(ps.data(), static_cast<int>(groups), current_stream(x_q), impl),
                       impl);
@@ -191,16 +190,16 @@ at::Tensor ternary_matmul_grouped_impl(const at::Tensor& x_q, const at::Tensor& 
 // memory per block); measured 2.1x slower than the panels on the H100 (1776 us at
 // M = 8192, N = 13824, K = 2560), see benchmarks/NOTES.md. An fp32 grad's panel product
 // follows torch's TF32 setting, as nn.Linear does (exact fp32 unless TF32 is allowed).
-bool use_mma_kernel(const at::Tensor& grad) {
+bool use_mma_kernel(const Tensor& grad) {
   const char* v = std::getenv("MMFREE_TERNARY_T_CUDA");
   const std::string impl = v == nullptr ? "" : v;
-  TORCH_CHECK(impl.empty() || impl == "panels" || impl == "mma",
+  MMFREE_CHECK(impl.empty() || impl == "panels" || impl == "mma",
               "mmfree: MMFREE_TERNARY_T_CUDA must be 'panels' or 'mma', got '", impl, "'");
-  return impl == "mma" && grad.scalar_type() == at::kBFloat16;
+  return impl == "mma" && grad.scalar_type() == kBFloat16;
 }
 
 // out[m, :] = g @ W_q over column panels of decoded weights; g is [M, N] in the compute dtype.
-void matmul_t_panels(const at::Tensor& g, const at::Tensor& packed, int64_t k, at::Tensor& out) {
+void matmul_t_panels(const Tensor& g, const Tensor& packed, int64_t k, Tensor& out) {
   constexpr int64_t kPanelBytes = int64_t{16} << 20;
   const int64_t n = packed.size(0);
   const int64_t esize = g.element_size();
@@ -211,66 +210,68 @@ void matmul_t_panels(const at::Tensor& g, const at::Tensor& packed, int64_t k, a
     const int64_t b1 = std::min(nblocks, b0 + panel_blocks);
     const int64_t c0 = b0 * ternary::kBlockWeights;
     const int64_t width = std::min(k, b1 * ternary::kBlockWeights) - c0;
-    at::Tensor w = at::empty({n, width}, g.options());
-    TernaryDecodePanelParams d{packed.data_ptr<uint8_t>(), n, k, b0, b1, w.data_ptr(), to_dtype(g.scalar_type())};
+    Tensor w = empty({n, width}, g.scalar_type(), g);
+    TernaryDecodePanelParams d{ptr<uint8_t>(packed), n, k, b0, b1, w.data_ptr(), to_dtype(g.scalar_type())};
     MMFREE_CUDA_CHECK(cuda::ternary_decode_panel(d, stream));
-    at::Tensor o = out.narrow(1, c0, width);
-    if (g.scalar_type() == at::kFloat) {
-      at::mm_out(o, g, w);
+    Tensor o = torch::stable::narrow(out, 1, c0, width);
+    if (g.scalar_type() == kFloat) {
+      aten::mm_out(o, g, w);
     } else {
-      at::mm_out(o, g, w, at::kFloat);  // 16-bit operands, fp32 accumulation and output
+      aten::mm_dtype_out(o, g, w, kFloat);  // 16-bit operands, fp32 accumulation and output
     }
   }
 }
 
 // out_dtype: fp32 for the op; the BitLinear backward asks for x's dtype, which the panels
 // path then writes in the same pass that applies w_scale.
-at::Tensor ternary_matmul_t_cuda(const at::Tensor& grad, at::Tensor packed, const at::Tensor& w_scale,
+Tensor ternary_matmul_t_cuda(const Tensor& grad, Tensor packed, const Tensor& w_scale,
                                  int64_t in_features, const std::vector<int64_t>& out_sizes,
-                                 at::ScalarType out_dtype = at::kFloat) {
-  const c10::cuda::CUDAGuard guard(grad.device());
+                                 ScalarType out_dtype = kFloat) {
+  const CudaGuard guard(grad);
   const int64_t n = packed.size(0);
-  if (n == 0) return at::zeros(out_sizes, grad.options().dtype(out_dtype));  // an empty sum
+  if (n == 0) return zeros(out_sizes, out_dtype, grad);  // an empty sum
   const int64_t m = grad.numel() / n;
-  at::Tensor out = at::empty(out_sizes, grad.options().dtype(at::kFloat));
-  if (m == 0) return out.to(out_dtype);
+  Tensor out = empty(out_sizes, kFloat, grad);
+  if (m == 0) return to(out, out_dtype);
   // The kernels read packed rows in 16-byte chunks; a view at an odd offset gets copied.
-  if (reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 != 0) packed = packed.clone();
+  if (reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 != 0) packed = torch::stable::clone(packed);
   if (use_mma_kernel(grad)) {
-    at::Tensor g = grad.contiguous();
-    if (reinterpret_cast<uintptr_t>(g.data_ptr()) % 16 != 0) g = g.clone();
-    TernaryMatmulTCudaParams p{g.data_ptr(), DType::kBFloat16, 1, packed.data_ptr<uint8_t>(),
-                               w_scale.data_ptr<float>(), out.data_ptr<float>(), m, n, in_features};
+    Tensor g = contig(grad);
+    if (reinterpret_cast<uintptr_t>(g.data_ptr()) % 16 != 0) g = torch::stable::clone(g);
+    TernaryMatmulTCudaParams p{g.data_ptr(), DType::kBFloat16, 1, ptr<uint8_t>(packed),
+                               ptr<float>(w_scale), ptr<float>(out), m, n, in_features};
     const cudaError_t err = cuda::ternary_matmul_t(p, current_stream(grad));
     if (err != cudaErrorNotSupported) {  // not enough shared memory on this GPU: use the panels
       MMFREE_CUDA_CHECK(err);
-      return out.to(out_dtype);
+      return to(out, out_dtype);
     }
   }
-  const at::Tensor g = (grad.scalar_type() == at::kDouble ? grad.to(at::kFloat) : grad).reshape({m, n}).contiguous();
-  at::Tensor out2 = out.view({m, in_features});
+  const Tensor g = contig(torch::stable::reshape(grad.scalar_type() == kDouble ? to(grad, kFloat) : grad, {m, n}));
+  Tensor out2 = torch::stable::view(out, {m, in_features});
   matmul_t_panels(g, packed, in_features, out2);
   // w_scale after the sums, as the kernel does (a device scalar: no host sync).
-  if (out_dtype == at::kFloat) return out.mul_(w_scale.reshape({}));
-  at::Tensor res = at::empty(out_sizes, grad.options().dtype(out_dtype));
+  if (out_dtype == kFloat) {
+    aten::mul_(out, torch::stable::reshape(w_scale, {}));
+    return out;
+  }
+  Tensor res = empty(out_sizes, out_dtype, grad);
   // One vectorized pass, the fp32 product rounded once as at::mul_out rounds it (whose
   // casting loop ran at ~1 TB/s here).
-  const ScaleCastParams sc{out.data_ptr<float>(), w_scale.data_ptr<float>(), out.numel(), to_dtype(out_dtype),
-                           res.data_ptr()};
+  const ScaleCastParams sc{ptr<float>(out), ptr<float>(w_scale), out.numel(), to_dtype(out_dtype), res.data_ptr()};
   MMFREE_CUDA_CHECK(cuda::scale_cast(sc, current_stream(grad)));
   return res;
 }
 #endif
 
-at::Tensor ternary_matmul_t_impl(const at::Tensor& grad, const at::Tensor& packed, const at::Tensor& w_scale,
+Tensor ternary_matmul_t_impl(const Tensor& grad, const Tensor& packed, const Tensor& w_scale,
                                  int64_t in_features) {
   check_float(grad, "grad");
-  TORCH_CHECK(grad.dim() >= 1, "mmfree: argument 'grad' must have at least 1 dim [..., N], got a 0-dim tensor");
-  TORCH_CHECK(in_features >= 1, "mmfree: argument 'in_features' must be >= 1, got ", in_features);
+  MMFREE_CHECK(grad.dim() >= 1, "mmfree: argument 'grad' must have at least 1 dim [..., N], got a 0-dim tensor");
+  MMFREE_CHECK(in_features >= 1, "mmfree: argument 'in_features' must be >= 1, got ", in_features);
   check_packed_for(packed, in_features, grad, "in_features");
   check_w_scale(w_scale, grad, "grad");
   const int64_t n = packed.size(0);
-  TORCH_CHECK(grad.size(-1) == n, "mmfree: argument 'grad' must have N=", n, " (rows of 'packed') in its last dim, got shape ",
+  MMFREE_CHECK(size_at(grad, -1) == n, "mmfree: argument 'grad' must have N=", n, " (rows of 'packed') in its last dim, got shape ",
               grad.sizes());
   const auto out_sizes = with_last(grad.sizes(), in_features);
   if (grad.is_cuda()) {
@@ -278,11 +279,11 @@ at::Tensor ternary_matmul_t_impl(const at::Tensor& grad, const at::Tensor& packe
     return ternary_matmul_t_cuda(grad, packed, w_scale, in_features, out_sizes);
 #endif
   }
-  at::Tensor g = grad.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty(out_sizes, grad.options().dtype(at::kFloat));
+  Tensor g = contig(to(grad, kFloat));
+  Tensor out = empty(out_sizes, kFloat, grad);
   const int64_t m = n > 0 ? g.numel() / n : out.numel() / in_features;
-  TernaryMatmulTParams p{g.data_ptr<float>(), packed.data_ptr<uint8_t>(), w_scale.data_ptr<float>(),
-                         out.data_ptr<float>(), m, n, in_features};
+  TernaryMatmulTParams p{ptr<float>(g), ptr<uint8_t>(packed), ptr<float>(w_scale),
+                         ptr<float>(out), m, n, in_features};
   cpu::ternary_matmul_t(p);
   return out;
 }
@@ -290,62 +291,60 @@ at::Tensor ternary_matmul_t_impl(const at::Tensor& grad, const at::Tensor& packe
 // ---- BitLinear --------------------------------------------------------------------------
 
 // The quantized input side, computed in fp32 whatever x's dtype (the reference does too).
-TensorPair quantized_input(const at::Tensor& x, const at::Tensor& norm_weight, double eps) {
-  const at::Tensor xf = x.scalar_type() == at::kDouble ? x.to(at::kFloat) : x.contiguous();
-  const at::Tensor gf = norm_weight.scalar_type() == at::kDouble ? norm_weight.to(at::kFloat) : norm_weight.contiguous();
+TensorPair quantized_input(const Tensor& x, const Tensor& norm_weight, double eps) {
+  const Tensor xf = x.scalar_type() == kDouble ? to(x, kFloat) : contig(x);
+  const Tensor gf = norm_weight.scalar_type() == kDouble ? to(norm_weight, kFloat) : contig(norm_weight);
   return call_rms_norm_quant(xf, gf, eps);
 }
 
 // y in x's dtype; float64 callers (gradcheck) get the fp32 result widened exactly.
-at::Tensor bit_linear_forward(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scale,
-                              const at::Tensor& norm_weight, double eps) {
+Tensor bit_linear_forward(const Tensor& x, const Tensor& packed, const Tensor& w_scale,
+                              const Tensor& norm_weight, double eps) {
   auto [x_q, x_scale] = quantized_input(x, norm_weight, eps);
-  const bool f64 = x.scalar_type() == at::kDouble;
-  at::Tensor y = ternary_matmul_impl(x_q, x_scale, packed, w_scale, f64 ? at::kFloat : x.scalar_type());
-  return f64 ? y.to(at::kDouble) : y;
+  const bool f64 = x.scalar_type() == kDouble;
+  Tensor y = ternary_matmul_impl(x_q, x_scale, packed, w_scale, f64 ? kFloat : x.scalar_type());
+  return f64 ? to(y, kDouble) : y;
 }
 
-void check_weight_for(const at::Tensor& weight, const at::Tensor& x) {
+void check_weight_for(const Tensor& weight, const Tensor& x) {
   check_float(weight, "weight");
   check_dim(weight, "weight", 2);
   check_contiguous(weight, "weight");
   check_same_device(weight, "weight", x, "x");
-  TORCH_CHECK(weight.size(1) == x.size(-1), "mmfree: argument 'weight' must be [N, K] with K=", x.size(-1),
+  MMFREE_CHECK(weight.size(1) == size_at(x, -1), "mmfree: argument 'weight' must be [N, K] with K=", size_at(x, -1),
               " (the last dim of 'x'), got shape ", weight.sizes());
 }
 
-at::Tensor ternary_linear_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& norm_weight, double eps) {
+Tensor ternary_linear_impl(const Tensor& x, const Tensor& weight, const Tensor& norm_weight, double eps) {
   check_x(x);
   check_weight_for(weight, x);
-  check_norm_weight(norm_weight, x.size(-1), x);
+  check_norm_weight(norm_weight, size_at(x, -1), x);
   auto [packed, w_scale] = call_quantize_ternary(weight);
   return bit_linear_forward(x, packed, w_scale, norm_weight, eps);
 }
 
-at::Tensor ternary_linear_packed_impl(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scale,
-                                      const at::Tensor& norm_weight, double eps) {
+Tensor ternary_linear_packed_impl(const Tensor& x, const Tensor& packed, const Tensor& w_scale,
+                                      const Tensor& norm_weight, double eps) {
   check_x(x);
-  check_packed_for(packed, x.size(-1), x, "x");
+  check_packed_for(packed, size_at(x, -1), x, "x");
   check_w_scale(w_scale, x, "x");
-  check_norm_weight(norm_weight, x.size(-1), x);
+  check_norm_weight(norm_weight, size_at(x, -1), x);
   return bit_linear_forward(x, packed, w_scale, norm_weight, eps);
 }
 
-void check_grad_out(const at::Tensor& grad_out, const at::Tensor& x, int64_t n) {
+void check_grad_out(const Tensor& grad_out, const Tensor& x, int64_t n) {
   check_float(grad_out, "grad_out");
   check_same_device(grad_out, "grad_out", x, "x");
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(with_last(x.sizes(), n)), "mmfree: argument 'grad_out' must have shape ",
-              with_last(x.sizes(), n), " (x's leading dims, N), got ", grad_out.sizes());
+  const std::vector<int64_t> expected = with_last(x.sizes(), n);
+  MMFREE_CHECK(grad_out.sizes().equals(expected), "mmfree: argument 'grad_out' must have shape ", expected,
+               " (x's leading dims, N), got ", grad_out.sizes());
 }
 
-at::Tensor call_rms_norm_backward_dx_dg(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, double eps,
-                                         at::Tensor* dweight) {
-  using Sig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mmfree::rms_norm_backward", "").typed<Sig>();
-  auto [dx, dw] = op.call(grad_y, x, weight, eps, std::nullopt, std::nullopt);
-  *dweight = dw;
-  return dx;
+Tensor call_rms_norm_backward_dx_dg(const Tensor& grad_y, const Tensor& x, const Tensor& weight, double eps,
+                                         Tensor* dweight) {
+  auto r = call_op<2>("mmfree::rms_norm_backward", "", grad_y, x, weight, eps, std::nullopt, std::nullopt);
+  *dweight = take(r[1]);
+  return take(r[0]);
 }
 
 // STE backward through the product and the RMSNorm:
@@ -357,42 +356,46 @@ at::Tensor call_rms_norm_backward_dx_dg(const at::Tensor& grad_y, const at::Tens
 // reference would hold it). float64 (gradcheck) stays in fp32 ops, widened at the end.
 // Returns (dx in x's dtype, dg in norm_weight's dtype, g2 = dY as [M, N] in dY's dtype, or
 // fp32 for a float64 dY).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_and_input_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                                                                       const at::Tensor& packed, const at::Tensor& w_scale,
-                                                                       const at::Tensor& norm_weight, double eps) {
-  const int64_t k = x.size(-1), n = packed.size(0);
-  at::Tensor g2 = grad_out.reshape({-1, n});
-  g2 = (g2.scalar_type() == at::kDouble ? g2.to(at::kFloat) : g2).contiguous();
-  const bool fused = x.scalar_type() != at::kDouble &&
-                     (norm_weight.scalar_type() == x.scalar_type() || norm_weight.scalar_type() == at::kFloat);
+std::tuple<Tensor, Tensor, Tensor> norm_and_input_backward(const Tensor& grad_out, const Tensor& x,
+                                                                       const Tensor& packed, const Tensor& w_scale,
+                                                                       const Tensor& norm_weight, double eps) {
+  const int64_t k = size_at(x, -1), n = packed.size(0);
+  Tensor g2 = torch::stable::reshape(grad_out, {-1, n});
+  g2 = contig(g2.scalar_type() == kDouble ? to(g2, kFloat) : g2);
+  const bool fused = x.scalar_type() != kDouble &&
+                     (norm_weight.scalar_type() == x.scalar_type() || norm_weight.scalar_type() == kFloat);
   if (fused) {
-    at::Tensor dxn;
+    std::optional<Tensor> dxn;
 #if defined(MMFREE_WITH_CUDA)
     if (g2.is_cuda()) dxn = ternary_matmul_t_cuda(g2, packed, w_scale, k, {g2.size(0), k}, x.scalar_type());
 #endif
-    if (!dxn.defined()) dxn = ternary_matmul_t_impl(g2, packed, w_scale, k).to(x.scalar_type());
-    at::Tensor dg;
-    const at::Tensor x2 = x.reshape({-1, k}).contiguous();
-    at::Tensor dx = call_rms_norm_backward_dx_dg(dxn, x2, norm_weight.contiguous(), eps, &dg);
-    return {dx.reshape(x.sizes()), dg, g2};
+    if (!dxn.has_value()) dxn = to(ternary_matmul_t_impl(g2, packed, w_scale, k), x.scalar_type());
+    Tensor dg;
+    const Tensor x2 = contig(torch::stable::reshape(x, {-1, k}));
+    Tensor dx = call_rms_norm_backward_dx_dg(*dxn, x2, contig(norm_weight), eps, &dg);
+    return {torch::stable::reshape(dx, x.sizes()), dg, g2};
   }
-  at::Tensor dxn = ternary_matmul_t_impl(g2, packed, w_scale, k);
-  const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat);
-  const at::Tensor rstd = at::rsqrt(x2.square().sum(-1, true).div_(static_cast<double>(k)).add_(eps));
-  const at::Tensor xhat = x2 * rstd;
-  at::Tensor dg = (dxn * xhat).sum(0);
-  dxn.mul_(norm_weight.to(at::kFloat));  // now d/dxhat
-  const at::Tensor mean_dot = (dxn * xhat).sum(-1, true).div_(static_cast<double>(k));
-  at::Tensor dx = dxn.sub_(xhat * mean_dot).mul_(rstd);
-  return {dx.to(x.scalar_type()).reshape(x.sizes()), dg.to(norm_weight.scalar_type()), g2};
+  Tensor dxn = ternary_matmul_t_impl(g2, packed, w_scale, k);
+  // fp32 aten ops; k and eps are 0-dim fp32 CPU tensors (no Scalar arguments in the stable
+  // ABI; a CPU 0-dim operand of a binary op takes the Python-scalar path on every device).
+  const Tensor x2 = to(torch::stable::reshape(x, {-1, k}), kFloat);
+  const Tensor kt = cpu_scalar(static_cast<double>(k), kFloat);
+  const Tensor epst = cpu_scalar(eps, kFloat);
+  const Tensor rstd = aten::rsqrt(aten::add(aten::div(aten::sum_keepdim(aten::mul(x2, x2), -1), kt), epst));
+  const Tensor xhat = aten::mul(x2, rstd);
+  Tensor dg = aten::sum0(aten::mul(dxn, xhat));
+  aten::mul_(dxn, to(norm_weight, kFloat));  // now d/dxhat
+  const Tensor mean_dot = aten::div(aten::sum_keepdim(aten::mul(dxn, xhat), -1), kt);
+  Tensor dx = aten::mul(aten::sub(dxn, aten::mul(xhat, mean_dot)), rstd);
+  return {torch::stable::reshape(to(dx, x.scalar_type()), x.sizes()), to(dg, norm_weight.scalar_type()), g2};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ternary_linear_backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
-                                                                            const at::Tensor& weight,
-                                                                            const at::Tensor& norm_weight, double eps) {
+std::tuple<Tensor, Tensor, Tensor> ternary_linear_backward_impl(const Tensor& grad_out, const Tensor& x,
+                                                                            const Tensor& weight,
+                                                                            const Tensor& norm_weight, double eps) {
   check_x(x);
   check_weight_for(weight, x);
-  check_norm_weight(norm_weight, x.size(-1), x);
+  check_norm_weight(norm_weight, size_at(x, -1), x);
   check_grad_out(grad_out, x, weight.size(0));
   auto [packed, w_scale] = call_quantize_ternary(weight);
   auto [dx, dg, g2] = norm_and_input_backward(grad_out, x, packed, w_scale, norm_weight, eps);
@@ -401,21 +404,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ternary_linear_backward_impl(cons
   // dY's dtype: a 16-bit dY gives a 16-bit product with fp32 accumulation (what a 16-bit
   // nn.Linear does), an fp32 dY an fp32 one.
   auto [x_q, x_scale] = quantized_input(x, norm_weight, eps);
-  const int64_t k = x.size(-1);
+  const int64_t k = size_at(x, -1);
   // One pass: the int8 x fp32 product is computed in fp32 and rounded once into dY's dtype.
-  at::Tensor x_deq = at::empty({x_q.numel() / k, k}, g2.options());
-  at::mul_out(x_deq, x_q.reshape({-1, k}), x_scale.reshape({-1, 1}));
-  at::Tensor dw = at::mm(g2.t(), x_deq).to(weight.scalar_type());
+  Tensor x_deq = empty({x_q.numel() / k, k}, g2.scalar_type(), g2);
+  aten::mul_out(x_deq, torch::stable::reshape(x_q, {-1, k}), torch::stable::reshape(x_scale, {-1, 1}));
+  Tensor dw = to(aten::mm(aten::t(g2), x_deq), weight.scalar_type());
   return {dx, dw, dg};
 }
 
-std::tuple<at::Tensor, at::Tensor> ternary_linear_packed_backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
-                                                                       const at::Tensor& packed, const at::Tensor& w_scale,
-                                                                       const at::Tensor& norm_weight, double eps) {
+std::tuple<Tensor, Tensor> ternary_linear_packed_backward_impl(const Tensor& grad_out, const Tensor& x,
+                                                                       const Tensor& packed, const Tensor& w_scale,
+                                                                       const Tensor& norm_weight, double eps) {
   check_x(x);
-  check_packed_for(packed, x.size(-1), x, "x");
+  check_packed_for(packed, size_at(x, -1), x, "x");
   check_w_scale(w_scale, x, "x");
-  check_norm_weight(norm_weight, x.size(-1), x);
+  check_norm_weight(norm_weight, size_at(x, -1), x);
   check_grad_out(grad_out, x, packed.size(0));
   auto [dx, dg, g2] = norm_and_input_backward(grad_out, x, packed, w_scale, norm_weight, eps);
   return {dx, dg};
@@ -423,7 +426,17 @@ std::tuple<at::Tensor, at::Tensor> ternary_linear_packed_backward_impl(const at:
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mmfree, m) {
+#define MMFREE_TERNARY_IMPLS(m)                                                                     \
+  m.impl("ternary_matmul", TORCH_BOX(&ternary_matmul_impl));                                        \
+  m.impl("ternary_matmul_grouped", TORCH_BOX(&ternary_matmul_grouped_impl));                        \
+  m.impl("ternary_matmul_t", TORCH_BOX(&ternary_matmul_t_impl));                                    \
+  m.impl("ternary_linear", TORCH_BOX(&ternary_linear_impl));                                        \
+  m.impl("ternary_linear_backward", TORCH_BOX(&ternary_linear_backward_impl));                      \
+  m.impl("ternary_linear_packed", TORCH_BOX(&ternary_linear_packed_impl));                          \
+  m.impl("ternary_linear_packed_backward", TORCH_BOX(&ternary_linear_packed_backward_impl));
+
+#if !defined(MMFREE_WITH_CUDA)
+STABLE_TORCH_LIBRARY_FRAGMENT(mmfree, m) {
   m.def("ternary_matmul(Tensor x_q, Tensor x_scale, Tensor packed, Tensor w_scale, ScalarType out_dtype) -> Tensor");
   m.def(
       "ternary_matmul_grouped(Tensor x_q, Tensor x_scale, Tensor[] packed, Tensor[] w_scale, ScalarType out_dtype) "
@@ -439,19 +452,9 @@ TORCH_LIBRARY_FRAGMENT(mmfree, m) {
       "float eps) -> (Tensor grad_x, Tensor grad_norm_weight)");
 }
 
-#define MMFREE_TERNARY_IMPLS(m)                                                       \
-  m.impl("ternary_matmul", &ternary_matmul_impl);                                    \
-  m.impl("ternary_matmul_grouped", &ternary_matmul_grouped_impl);                    \
-  m.impl("ternary_matmul_t", &ternary_matmul_t_impl);                                \
-  m.impl("ternary_linear", &ternary_linear_impl);                                    \
-  m.impl("ternary_linear_backward", &ternary_linear_backward_impl);                  \
-  m.impl("ternary_linear_packed", &ternary_linear_packed_impl);                      \
-  m.impl("ternary_linear_packed_backward", &ternary_linear_packed_backward_impl);
-
-TORCH_LIBRARY_IMPL(mmfree, CPU, m) { MMFREE_TERNARY_IMPLS(m) }
-
-#if defined(MMFREE_WITH_CUDA)
-TORCH_LIBRARY_IMPL(mmfree, CUDA, m) { MMFREE_TERNARY_IMPLS(m) }
+STABLE_TORCH_LIBRARY_IMPL(mmfree, CPU, m) { MMFREE_TERNARY_IMPLS(m) }
+#else
+STABLE_TORCH_LIBRARY_IMPL(mmfree, CUDA, m) { MMFREE_TERNARY_IMPLS(m) }
 #endif
 
 }  // namespace binding
