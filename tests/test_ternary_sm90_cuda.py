@@ -323,5 +323,5 @@ def test_split_cuda_graph_capture(monkeypatch: pytest.MonkeyPatch, splits: str) 
 def test_split_bad_override_raises(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
     monkeypatch.setenv("MMFREE_TERNARY_SM90_SPLITK", bad)
     x_q, _, packed = _inputs(128, 16, 64)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="MMFREE_TERNARY_SM90_SPLITK must be 'auto', 'off' or 2..8"):
         _op(x_q, torch.ones(128, device="cuda"), packed, torch.ones((), device="cuda"), torch.float32)

@@ -179,5 +179,5 @@ def test_linear_packed_matches_unsplit(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_override_is_an_error(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
     monkeypatch.setenv("MMFREE_TERNARY_SPLITK", bad)
     x_q, _, packed = _inputs(8, 64, 128)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="MMFREE_TERNARY_SPLITK must be 'auto', 'off' or 1..8"):
         _op(x_q, torch.ones(8, device="cuda"), packed, torch.ones((), device="cuda"), torch.float32)

@@ -17,6 +17,9 @@
 #include "common/ternary_format.h"
 #include "dequant.h"
 #include "ternary.h"
+#if defined(MMFREE_WITH_CUDA)
+#include "cuda/ternary/launch.h"  // the split-K switches, to name them in errors
+#endif
 
 namespace mmfree {
 namespace binding {
@@ -92,6 +95,14 @@ cuda::TernaryGemmImpl gemm_impl_from_env() {
 void check_gemm_launch(cudaError_t err, cuda::TernaryGemmImpl impl) {
   MMFREE_CHECK(!(err == cudaErrorNotSupported && impl == cuda::TernaryGemmImpl::kSm90),
               "mmfree: MMFREE_TERNARY_GEMM=sm90 needs an sm_90 GPU (H100/H200)");
+  // The split-K switches are read by the kernel library, which can only say "invalid value":
+  // name the variable here.
+  if (err == cudaErrorInvalidValue) {
+    MMFREE_CHECK(cuda::ternary_kernels::split_k_override() != cuda::ternary_kernels::kSplitKInvalid,
+                 "mmfree: MMFREE_TERNARY_SPLITK must be 'auto', 'off' or 1..", cuda::ternary_kernels::kMaxSplitK);
+    MMFREE_CHECK(cuda::ternary_kernels::sm90_split_override() != cuda::ternary_kernels::kSplitKInvalid,
+                 "mmfree: MMFREE_TERNARY_SM90_SPLITK must be 'auto', 'off' or 2..", cuda::ternary_kernels::kMaxSplitK);
+  }
   MMFREE_CUDA_CHECK(err);
 }
 #endif
