@@ -222,11 +222,16 @@ def _sm90_split_flags(fn) -> list[bool]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    flags = []
+    flags, kernels = [], 0
     for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        kernels += 1
         match = _SPLIT_KERNEL.search(e.name)
-        if e.device_type == torch.autograd.DeviceType.CUDA and match:
+        if match:
             flags.append(match.group(1) == "true")
+    if kernels == 0:  # no event at all: no profiler (CUPTI taken, e.g. by compute-sanitizer)
+        pytest.skip("torch.profiler recorded no CUDA kernel (CUPTI unavailable)")
     return flags
 
 
@@ -323,5 +328,5 @@ def test_split_cuda_graph_capture(monkeypatch: pytest.MonkeyPatch, splits: str) 
 def test_split_bad_override_raises(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
     monkeypatch.setenv("MMFREE_TERNARY_SM90_SPLITK", bad)
     x_q, _, packed = _inputs(128, 16, 64)
-    with pytest.raises(RuntimeError, match="MMFREE_TERNARY_SM90_SPLITK must be 'auto', 'off' or 2..8"):
+    with pytest.raises(RuntimeError, match=r"MMFREE_TERNARY_SM90_SPLITK must be 'auto', 'off' or 2\.\.8"):
         _op(x_q, torch.ones(128, device="cuda"), packed, torch.ones((), device="cuda"), torch.float32)

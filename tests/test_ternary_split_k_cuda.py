@@ -62,7 +62,11 @@ def _kernels_run(fn) -> list[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not names:  # every op launches a kernel: no event at all means no profiler (CUPTI is
+        # taken, e.g. under compute-sanitizer), not a kernel choice
+        pytest.skip("torch.profiler recorded no CUDA kernel (CUPTI unavailable)")
+    return names
 
 
 @pytest.mark.parametrize("splits", ["2", "8"])
@@ -179,5 +183,5 @@ def test_linear_packed_matches_unsplit(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_override_is_an_error(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
     monkeypatch.setenv("MMFREE_TERNARY_SPLITK", bad)
     x_q, _, packed = _inputs(8, 64, 128)
-    with pytest.raises(RuntimeError, match="MMFREE_TERNARY_SPLITK must be 'auto', 'off' or 1..8"):
+    with pytest.raises(RuntimeError, match=r"MMFREE_TERNARY_SPLITK must be 'auto', 'off' or 1\.\.8"):
         _op(x_q, torch.ones(8, device="cuda"), packed, torch.ones((), device="cuda"), torch.float32)

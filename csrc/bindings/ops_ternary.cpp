@@ -101,7 +101,8 @@ void check_gemm_launch(cudaError_t err, cuda::TernaryGemmImpl impl) {
     MMFREE_CHECK(cuda::ternary_kernels::split_k_override() != cuda::ternary_kernels::kSplitKInvalid,
                  "mmfree: MMFREE_TERNARY_SPLITK must be 'auto', 'off' or 1..", cuda::ternary_kernels::kMaxSplitK);
     MMFREE_CHECK(cuda::ternary_kernels::sm90_split_override() != cuda::ternary_kernels::kSplitKInvalid,
-                 "mmfree: MMFREE_TERNARY_SM90_SPLITK must be 'auto', 'off' or 2..", cuda::ternary_kernels::kMaxSplitK);
+                 "mmfree: MMFREE_TERNARY_SM90_SPLITK must be 'auto', 'off' or 2..",
+                 cuda::ternary_kernels::kMaxSm90SplitK);
   }
   MMFREE_CUDA_CHECK(err);
 }
