@@ -182,15 +182,6 @@ def _fwd_bwd_cases(device: str, dtype: torch.dtype, quick: bool = False) -> list
                 torch.autograd.grad(o, (i, f), gh)
 
             cases.append(Case("mlgru_scan fwd+bwd", shape, ours, fla, "fla chunk_hgrn", bytes=nbytes))
-        if device == "cuda":
-            # Same-run A/B of the backward: the forced chunked path runs the same v2 forward
-            # (the auto configuration of these shapes) and the v3 chunk-parallel backward.
-
-            def ours_v3(i=i, f=f, lb=lb, gh=gh) -> None:
-                h, _ = torch.ops.mmfree.mlgru_scan_impl(i, f, lb, None, None, None, 2)
-                torch.autograd.grad(h, (i, f), gh)
-
-            cases.append(Case("mlgru_scan fwd+bwd", shape, ours, ours_v3, "ours, v3 bwd (path=2)", bytes=nbytes))
     return cases
 
 

@@ -30,14 +30,11 @@ enum class MlgruPath : int {
 // Which CUDA kernel generation runs (the CPU ignores it). Kept selectable so one benchmark
 // run can compare them (bench_mlgru); the workspace sizes cover every variant.
 enum class MlgruVariant : int {
-  kBest = 0,  // fwd v2 (U = 2 tokens/thread, streaming loads, next tile prefetched during the
-              // scan, 2 CTAs/SM); bwd v2 (U*V = 8 values, no register cap), except that
-              // MlgruPath::kChunked runs the v3 backward (32-token chunks across CTAs,
-              // mlgru_bwd_chunked.cuh) for a same-run A/B
+  kBest = 0,  // v2: fwd U = 2 tokens/thread, streaming loads, next tile prefetched during the
+              // scan, 2 CTAs/SM; bwd U*V = 8 values (1 token of 16-bit), no register cap
   kV1 = 1,    // the first kernels (fwd U*V = 32 values, bwd 16 with 255 registers, 1 CTA/SM)
   kV2U4 = 2,  // v2 alternative: fwd U = 4 with prefetch at 1 CTA/SM (no spill), bwd capped at
               // 128 registers for 2 CTAs/SM (spills ~200 B)
-  kV2 = 3,    // fwd v2, bwd v2 on every path (one CTA walks a sequence's tiles last to first)
 };
 
 struct MlgruSeqs {

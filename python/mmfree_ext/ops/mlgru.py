@@ -7,9 +7,7 @@ The op takes the raw ``i`` and ``f`` projections and computes, with an fp32 stat
 
 Internal: ``torch.ops.mmfree.mlgru_scan_impl(..., path)`` is the same op with the CUDA
 algorithm forced (0 auto, 1 sequential, 2 chunked; the CPU ignores it), for tests and
-benchmarks; ``mlgru_scan_backward(..., path)`` likewise. On CUDA the forced chunked backward
-(path 2) is the chunk-parallel v3 kernel set (32-token chunks across CTAs), kept beside the
-default v2 for a same-run A/B (benchmarks/NOTES.md, "MLGRU scan").
+benchmarks; ``mlgru_scan_backward(..., path)`` likewise.
 
 Backward design: nothing but the inputs is saved. The reverse scan needs ``h_{t-1}``; the
 output ``h`` is rounded to the input dtype, so using it would make bf16 gradients inexact.

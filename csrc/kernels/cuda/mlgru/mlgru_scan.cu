@@ -21,7 +21,6 @@
 #include <cstring>
 
 #include "cuda/common.cuh"
-#include "cuda/mlgru/mlgru_bwd_chunked.cuh"
 #include "cuda/mlgru/mlgru_gate.cuh"
 #include "cuda/mlgru/mlgru_seqs.cuh"
 #include "mlgru.h"
@@ -805,12 +804,9 @@ cudaError_t bwd_typed(const MlgruScanBwdParams& p, const Config& c, const Kernel
 
 int64_t mlgru_workspace_floats(const MlgruSeqs&, DType, MlgruPath) { return 0; }
 
-// Either layout fits: the chunk-parallel backward's summaries and partials, or the v1/v2
-// checkpoints followed by the [S, D] dL/dlb partials (which one runs is chosen at launch).
+// Checkpoints (one state vector per tile slot) followed by the [S, D] dL/dlb partials.
 int64_t mlgru_bwd_workspace_floats(const MlgruSeqs& q, DType dtype, MlgruPath path) {
-  const int64_t tiled = bwd_checkpoint_slots(q, dtype, path) * q.dim + q.num_seqs * q.dim;
-  const int64_t chunked = mlgru_chunked::workspace_floats(q);
-  return tiled > chunked ? tiled : chunked;
+  return bwd_checkpoint_slots(q, dtype, path) * q.dim + q.num_seqs * q.dim;
 }
 
 cudaError_t mlgru_scan(const MlgruScanParams& p, cudaStream_t stream) {
@@ -823,10 +819,6 @@ cudaError_t mlgru_scan(const MlgruScanParams& p, cudaStream_t stream) {
 cudaError_t mlgru_scan_backward(const MlgruScanBwdParams& p, cudaStream_t stream) {
   if (p.seqs.num_seqs == 0 || p.seqs.dim == 0) return cudaSuccess;
   if (p.workspace == nullptr) return cudaErrorInvalidValue;
-  // v3, chunks of time across CTAs (mlgru_bwd_chunked.cuh), runs for the forced chunked path
-  // only: measured slower than v2 in its first H200 run (benchmarks/NOTES.md, "v3 backward"),
-  // so the auto path keeps the v2 tiled kernels below until a same-run A/B says otherwise.
-  if (p.variant == MlgruVariant::kBest && p.path == MlgruPath::kChunked) return mlgru_chunked::backward(p, stream);
   const Config c = bwd_config(p.seqs, p.dtype, p.path, vector_ok_bwd(p), p.variant);
   const int64_t slots = bwd_checkpoint_slots(p.seqs, p.dtype, p.path);
   float* checkpoints = p.workspace;

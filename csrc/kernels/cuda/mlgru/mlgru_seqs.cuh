@@ -1,5 +1,5 @@
-// The token range of one sequence of the flat [N, D] view (mlgru.h), shared by the MLGRU
-// scan kernels (mlgru_scan.cu) and the chunk-parallel backward (mlgru_bwd_chunked.cuh).
+// The token range of one sequence of the flat [N, D] view (mlgru.h) for the MLGRU scan
+// kernels (mlgru_scan.cu): varlen offsets clamped so a corrupt cu_seqlens stays in bounds.
 #pragma once
 
 #include <cstdint>
