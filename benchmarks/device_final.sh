@@ -83,7 +83,7 @@ san() {  # san <tool> <name> <extra sanitizer flags...> -- <pytest args...>
 if has initcheck || has sanitize; then
   step initcheck
   # The GLU case initcheck flagged last session: host backtraces say which call read what.
-  san initcheck glu --print-limit 20 --show-backtrace host -- tests/test_act.py -k "silu_mul_ternary_linear_equals and cuda"
+  san initcheck glu --check-bulk-copy yes --print-limit 20 --show-backtrace host -- tests/test_act.py -k "silu_mul_ternary_linear_equals and cuda"
 fi
 if has sanitize; then
   step sanitize
