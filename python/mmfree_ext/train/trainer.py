@@ -55,10 +55,13 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
     """Validate ``cfg``, set up the ranks, train, checkpoint, export; returns :class:`TrainResult`."""
     threads = torch.get_num_threads()
     rt = setup_runtime(cfg)  # applies train.threads
+    finished = False
     try:
-        return _run(cfg, rt, log)
+        result = _run(cfg, rt, log)
+        finished = True
+        return result
     finally:
-        teardown(rt)
+        teardown(rt, finished)
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
