@@ -8,12 +8,13 @@ on sm_90), the unsplit kernels (MMFREE_TERNARY_SPLITK=off) and forced splits bel
 ``--splitk-sweep`` is the one-run table for the split-K decisions (issues 11 and 13): M in
 {1, ..., 2048} x the four 2.7B shapes, bf16 F.linear against the automatic choice, the
 small-M cluster split-K kernel forced to 2 / 4 / 8 CTAs (M <= 512) and, from M = 128, the
-wgmma kernel unsplit and forced to split 2 / 3 / 4 / 8 ways (MMFREE_TERNARY_SM90_SPLITK); L2
-flushed before every timed run, about 30 s on an H200.
-``--gemm-sweep`` times both tensor-core kernels (mma.sync and, on sm_90, the wgmma one,
-forced through MMFREE_TERNARY_GEMM) and the dispatcher's pick over M = 128..8192 on the
-four 2.7B shapes, with the % of the int8 peak; benchmarks/plot_gemm_ratio.py turns its JSON
-into docs/gemm_ratio_vs_m.png.
+wgmma kernel unsplit and forced to split 2 / 3 / 4 / 8 ways (MMFREE_TERNARY_SM90_SPLITK), and
+its int8-weight form (MMFREE_TERNARY_GEMM=sm90_int8) unsplit and at 2 / 4 ways; L2 flushed
+before every timed run, about 40 s on an H200.
+``--gemm-sweep`` times the tensor-core kernels (mma.sync and, on sm_90, the wgmma one in its
+decoding and its int8-weight form, forced through MMFREE_TERNARY_GEMM) and the dispatcher's
+pick over M = 128..8192 on the four 2.7B shapes, with the % of the int8 peak;
+benchmarks/plot_gemm_ratio.py turns its JSON into docs/gemm_ratio_vs_m.png.
 
     python benchmarks/bench_ternary_cuda.py --device cuda --json ternary_cuda.json
     python benchmarks/bench_ternary_cuda.py --gemm-sweep --json gemm_sweep.json
@@ -94,7 +95,7 @@ def gemm_sweep(device: str) -> list[Row]:
     if torch.cuda.get_device_capability() == (9, 0) and any(
         a.startswith("90") for a in mmfree_ext.build_info()["cuda_archs"]
     ):
-        impls.insert(1, "sm90")
+        impls[1:1] = ["sm90", "sm90_int8"]
     rows: list[Row] = []
     saved = os.environ.get("MMFREE_TERNARY_GEMM")
     try:
@@ -174,6 +175,9 @@ def splitk_modes(m: int, sm90: bool) -> dict[str, dict[str, str]]:
         modes["sm90"] = {"MMFREE_TERNARY_GEMM": "sm90", "MMFREE_TERNARY_SM90_SPLITK": "off"}
         for s in ("2", "3", "4", "8"):
             modes[f"sm90s{s}"] = {"MMFREE_TERNARY_GEMM": "sm90", "MMFREE_TERNARY_SM90_SPLITK": s}
+        modes["i8"] = {"MMFREE_TERNARY_GEMM": "sm90_int8", "MMFREE_TERNARY_SM90_SPLITK": "off"}
+        for s in ("2", "4"):
+            modes[f"i8s{s}"] = {"MMFREE_TERNARY_GEMM": "sm90_int8", "MMFREE_TERNARY_SM90_SPLITK": s}
     return modes
 
 
@@ -230,7 +234,7 @@ def print_splitk(rows: list[Row]) -> None:
     for r in rows:
         e = r.extra
         by_case.setdefault((e["K"], e["N"], e["M"]), {})[e["mode"]] = r
-    names = ["auto", "sk2", "sk4", "sk8", "sm90", "sm90s2", "sm90s3", "sm90s4", "sm90s8"]
+    names = ["auto", "sk2", "sk4", "sk8", "sm90", "sm90s2", "sm90s3", "sm90s4", "sm90s8", "i8", "i8s2", "i8s4"]
     print(f"\n{'K->N':>11} {'M':>5} {'bf16':>7} " + " ".join(f"{n:>13}" for n in names) + "  best")
     for (k, n, m), modes in sorted(by_case.items()):
         cells = [f"{modes[x].us:>7.1f}({modes[x].speedup:>4.2f})" if x in modes else f"{'-':>13}" for x in names]
@@ -295,11 +299,11 @@ def main() -> None:
     if args.gemm_sweep:
         rows = gemm_sweep(args.device)
         print_table(rows, f"prefill GEMM sweep (bf16 out) vs bf16 F.linear; int8 peak {INT8_PEAK_TOPS:.0f} TOPS")
-        print(f"\n{'impl':<6} {'M':>5} {'K->N':>12} {'us':>9} {'bf16 us':>9} {'ratio':>6} {'TOPS':>7} {'%peak':>6}")
+        print(f"\n{'impl':<9} {'M':>5} {'K->N':>12} {'us':>9} {'bf16 us':>9} {'ratio':>6} {'TOPS':>7} {'%peak':>6}")
         for r in rows:
             e = r.extra
             print(
-                f"{e['impl']:<6} {e['M']:>5} {str(e['K']) + '->' + str(e['N']):>12} {r.us:>9.1f} "
+                f"{e['impl']:<9} {e['M']:>5} {str(e['K']) + '->' + str(e['N']):>12} {r.us:>9.1f} "
                 f"{r.baseline_us:>9.1f} {r.speedup:>6.2f} {r.tflops:>7.0f} {e['pct_int8_peak']:>6.1f}"
             )
         if args.json:

@@ -105,11 +105,16 @@ bench() {  # bench <seconds> <name> <command...>
 }
 if has bench; then
   step bench
-  # BENCH picks and orders them: gemm decode mlgru bitlinear train_eager train_compiled.
+  # BENCH picks and orders them: gemm gemm_sweep decode decode_batches mlgru bitlinear
+  # train_eager train_compiled.
   for b in ${BENCH:-gemm decode mlgru bitlinear train_eager train_compiled}; do
     case $b in
-      gemm) TAIL=60 bench 60 gemm python3 benchmarks/bench_ternary_cuda.py --splitk-sweep \
+      gemm) TAIL=60 bench 90 gemm python3 benchmarks/bench_ternary_cuda.py --splitk-sweep \
               --json "$LOG/splitk_sweep.json" ;;
+      gemm_sweep) TAIL=90 bench 150 gemm_sweep python3 benchmarks/bench_ternary_cuda.py --gemm-sweep \
+                    --json "$LOG/gemm_sweep.json" ;;
+      decode_batches) TAIL=30 bench 240 decode_batches python3 benchmarks/bench_decode.py --batch 1 8 64 \
+                        --json "$LOG/bench_decode.json" ;;
       decode) TAIL=20 bench 75 decode env PYTHONPATH="$PYTHONPATH:benchmarks" python3 benchmarks/decode_variants.py \
                 --batch 1 ;;
       mlgru) TAIL=30 bench 45 mlgru python3 benchmarks/bench_mlgru.py --quick --json "$LOG/bench_mlgru.json" ;;
@@ -117,7 +122,7 @@ if has bench; then
                    --json "$LOG/bench_bitlinear.json" ;;
       train_eager) TAIL=14 bench 75 train_eager python3 benchmarks/bench_train_model.py --device cuda --modes eager \
                      --json "$LOG/bench_train_model_eager.json" ;;
-      train_compiled) TAIL=14 bench 130 train_compiled python3 benchmarks/bench_train_model.py --device cuda \
+      train_compiled) TAIL=14 bench ${TRAIN_COMPILED_TIMEOUT:-130} train_compiled python3 benchmarks/bench_train_model.py --device cuda \
                         --modes compiled --json "$LOG/bench_train_model_compiled.json" ;;
       *) echo "unknown bench $b" ;;
     esac

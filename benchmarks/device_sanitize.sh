@@ -5,12 +5,23 @@
 # never written) and synccheck (barriers in divergent code, illegal syncs) for every kernel
 # family, through the op tests (pytest -k picks small CUDA cases) and through the
 # torch-free check binaries. Prints one line per run; logs go to $1 (a folder).
-# TOOLS="memcheck initcheck" limits the tools run.
+# TOOLS="memcheck initcheck" limits the tools run, ONLY (an extended regex over the run
+# names) the runs, RUN_TIMEOUT (s, default 240) each run's time box. WHEEL_DIR=<folder with
+# the cp312 wheel> runs against that wheel installed in /tmp/site, from a copy of tests/.
+# initcheck counts TMA (bulk-copy) writes, which cuBLAS's sm_90 kernels and the int8-weight
+# GEMM use, only with --check-bulk-copy: every initcheck run passes it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG=${1:-/tmp/sanitize}
 mkdir -p "$LOG"
-export PYTHONPATH=python${PYTHONPATH:+:$PYTHONPATH}
+if [ -n "${WHEEL_DIR:-}" ]; then
+  rm -rf /tmp/site /tmp/san-work && mkdir -p /tmp/san-work
+  python3 -m pip install -q --no-deps --no-index --target /tmp/site "$WHEEL_DIR"/mmfree_ext-*.whl || exit 1
+  cp -r tests pyproject.toml /tmp/san-work/ && cd /tmp/san-work
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=python${PYTHONPATH:+:$PYTHONPATH}
+fi
 BIN=${BIN:-build/gpu/benchmarks/cpp}
 status=0
 
@@ -18,7 +29,11 @@ TOOLS=${TOOLS:-memcheck racecheck initcheck synccheck}
 run() {  # run <tool> <name> <command...>
   local tool=$1 name=$2; shift 2
   case " $TOOLS " in *" $tool "*) ;; *) return 0 ;; esac
-  timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 9 "$@" > "$LOG/$name.$tool.log" 2>&1
+  [[ -z "${ONLY:-}" || "$name" =~ ${ONLY} ]] || return 0
+  local flags=()
+  [ "$tool" = initcheck ] && flags=(--check-bulk-copy yes)
+  timeout -s INT -k 15 "${RUN_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 9 "${flags[@]}" "$@" \
+    > "$LOG/$name.$tool.log" 2>&1
   local rc=$?
   local summary
   summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$LOG/$name.$tool.log" | tail -2 | tr '\n' ' ')
@@ -34,6 +49,24 @@ run memcheck ternary   $PYT tests/test_ternary_cuda.py -k "cpu_and_cuda or extre
 # The sm_90a wgmma GEMM (forced; its tests skip on other GPUs) on small shapes.
 MMFREE_TERNARY_GEMM=sm90 run memcheck ternary_sm90 $PYT tests/test_ternary_sm90_cuda.py -k "misaligned or 200-777"
 MMFREE_TERNARY_GEMM=sm90 run racecheck ternary_sm90 $PYT tests/test_ternary_sm90_cuda.py -k "200-777 and dtype0"
+# The int8-weight form (TMA with aligned x rows, cp.async with unaligned ones; the test
+# module's own impl parameter), its split-K cluster instances and the weight expansion.
+run memcheck ternary_int8 $PYT tests/test_ternary_sm90_cuda.py \
+  -k "sm90_int8 and (200-777 or extreme or misaligned or split_bitwise_equal_to_unsplit and 300-777 or graph)"
+run racecheck ternary_int8 $PYT tests/test_ternary_sm90_cuda.py \
+  -k "sm90_int8 and (200-777 and dtype0 or split_bitwise_equal_to_unsplit and 300-777 and 2)"
+run initcheck ternary_int8 $PYT tests/test_ternary_sm90_cuda.py -k "sm90_int8 and (200-777 or split_misaligned)"
+# The decoding wgmma kernel split over a cluster, the small-M split-K kernel, decode_step.
+run memcheck sm90_split  $PYT tests/test_ternary_sm90_cuda.py -k "sm90- and split_bitwise_equal_to_unsplit and 300-777"
+run racecheck sm90_split $PYT tests/test_ternary_sm90_cuda.py -k "sm90- and split_bitwise_equal_to_unsplit and 300-777 and 2"
+run memcheck split_k     $PYT tests/test_ternary_split_k_cuda.py -k "exact_accumulators and (300 or 100) and 2-"
+run racecheck split_k    $PYT tests/test_ternary_split_k_cuda.py -k "exact_accumulators and 100 and 2-"
+run memcheck decode      $PYT tests/test_decode_step.py -k "fused and (matches_op_by_op and 1- or odd_hidden or cuda_graph)"
+run racecheck decode     $PYT tests/test_decode_step.py -k "matches_op_by_op and 1-dtype0-cuda-fused"
+run memcheck decode_v4   $PYT tests/test_decode_step.py -k "v4_matches_op_by_op and (tiny-f32 or odd) or v4_cluster_sizes"
+run racecheck decode_v4  $PYT tests/test_decode_step.py -k "v4_matches_op_by_op and tiny-f32"
+# The panels dX buffer of the GLU backward (cuBLAS writes it by TMA, see the header).
+run initcheck glu        $PYT tests/test_act.py -k "silu_mul_ternary_linear_equals and cuda"
 run memcheck ternary_t  $PYT tests/test_ternary_t_cuda.py -k "exact and (1-5-3 or 7-300 or 15-64 or 200-37) or leading or backward"
 run racecheck ternary_t $PYT tests/test_ternary_t_cuda.py -k "exact and 7-300"
 run memcheck ternary_linear $PYT tests/test_ternary.py -k "cuda"

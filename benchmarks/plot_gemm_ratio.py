@@ -41,7 +41,12 @@ def main() -> None:
     meta, series = load(args.json)
     shapes = sorted(series, key=lambda kn: (kn[0], kn[1]))
     fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.6), sharey=True)
-    labels = {"mma": "mma.sync (sm_80+)", "sm90": "wgmma (sm_90a)", "auto": "dispatch"}
+    labels = {
+        "mma": "mma.sync (sm_80+)",
+        "sm90": "wgmma, decode in pipeline (sm_90a)",
+        "sm90_int8": "wgmma, int8 weights (sm_90a)",
+        "auto": "dispatch",
+    }
     for ax, (k, n) in zip(axes, shapes, strict=True):
         for impl, points in series[(k, n)].items():
             ms, ratios = zip(*points, strict=True)

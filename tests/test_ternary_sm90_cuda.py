@@ -1,5 +1,7 @@
 """The sm_90a int8 wgmma GEMM behind torch.ops.mmfree.ternary_matmul (gemm_sm90.cu), forced
-with MMFREE_TERNARY_GEMM=sm90 and checked exactly against integer references.
+with MMFREE_TERNARY_GEMM=sm90 (the producer decodes the packed weights) and =sm90_int8 (the
+weights expanded to int8 in a workspace first, then copied like the activations): every test
+runs for both, checked exactly against integer references.
 
 Needs an sm_90 GPU (H100/H200) and a build whose CUDA arch list has 90; skipped elsewhere
 (module-level ``cuda`` mark plus a capability check). The grid hits every tile tail of the
@@ -32,11 +34,12 @@ def _has_sm90_kernel() -> bool:
     return any(a.startswith("90") for a in mmfree_ext.build_info()["cuda_archs"])
 
 
-@pytest.fixture(autouse=True)
-def _force_sm90(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(autouse=True, params=["sm90", "sm90_int8"])
+def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if not _has_sm90_kernel():
         pytest.skip("needs an sm_90 GPU and a build with arch 90 (the wgmma kernel)")
-    monkeypatch.setenv("MMFREE_TERNARY_GEMM", "sm90")
+    monkeypatch.setenv("MMFREE_TERNARY_GEMM", request.param)
+    return request.param
 
 
 def _op(x_q, x_scale, packed, w_scale, dtype):
@@ -200,7 +203,7 @@ def test_bad_impl_name_raises(monkeypatch: pytest.MonkeyPatch) -> None:
 # 256-wide split tile (10 tiles x S fit one wave), N = 32001 the 128-wide one.
 SPLIT_M = [128, 129, 300, 512]
 SPLITS = ["2", "3", "4", "8"]
-_SPLIT_KERNEL = re.compile(r"gemm_sm90_kernel<\d+, \w+, [\w:]+, (true|false)>")
+_SPLIT_KERNEL = re.compile(r"gemm_sm90_kernel<\d+, (true|false), [\w:]+, (true|false), (true|false), (true|false)>")
 
 
 def _split_grid() -> list[tuple[int, int, int, str]]:
@@ -217,8 +220,9 @@ def _split_grid() -> list[tuple[int, int, int, str]]:
     return [(m, n, k, SPLITS[i % len(SPLITS)]) for i, (m, n, k) in enumerate(sorted(grid))]
 
 
-def _sm90_split_flags(fn) -> list[bool]:
-    """For each wgmma kernel `fn` launches, whether it was the split (cluster) instance."""
+def _sm90_instances(fn) -> list[tuple[bool, bool, bool]]:
+    """For each wgmma kernel `fn` launches: (split (cluster) instance, int8-weight instance,
+    TMA instance)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
@@ -229,10 +233,25 @@ def _sm90_split_flags(fn) -> list[bool]:
         kernels += 1
         match = _SPLIT_KERNEL.search(e.name)
         if match:
-            flags.append(match.group(1) == "true")
+            flags.append(tuple(match.group(i) == "true" for i in (2, 3, 4)))
     if kernels == 0:  # no event at all: no profiler (CUPTI taken, e.g. by compute-sanitizer)
         pytest.skip("torch.profiler recorded no CUDA kernel (CUPTI unavailable)")
     return flags
+
+
+def _sm90_split_flags(fn) -> list[bool]:
+    """For each wgmma kernel `fn` launches, whether it was the split (cluster) instance."""
+    return [split for split, _, _ in _sm90_instances(fn)]
+
+
+@pytest.mark.parametrize(("m", "k"), [(300, 2560), (200, 100)])
+def test_forced_impl_runs_its_instance(impl: str, m: int, k: int) -> None:
+    """sm90 launches the decoding instance, sm90_int8 the int8-weight one: by TMA where x rows
+    are 16-byte aligned (K = 2560), by cp.async where they are not (K = 100)."""
+    x_q, _, packed = _inputs(m, 640, k)
+    args = (x_q, torch.ones(m, device="cuda"), packed, torch.ones((), device="cuda"), torch.float32)
+    int8 = impl == "sm90_int8"
+    assert _sm90_instances(lambda: _op(*args)) == [(False, int8, int8 and k % 16 == 0)]
 
 
 @pytest.mark.parametrize(("m", "n", "k", "splits"), _split_grid())
@@ -263,6 +282,26 @@ def test_split_bitwise_equal_to_unsplit(monkeypatch: pytest.MonkeyPatch, m: int,
             if mode != "auto" and dtype == torch.bfloat16:
                 flags = _sm90_split_flags(lambda d=dtype: _op(x_q, x_scale, packed, w_scale, d))
                 assert flags == [mode == splits], (mode, flags)
+
+
+@pytest.mark.parametrize(
+    ("m", "aligned", "want"),
+    [(512, True, [(False, True, True)]), (4096, True, [(False, True, True)]), (300, True, []), (512, False, [])],
+)
+def test_auto_takes_int8_tma_from_512_rows(monkeypatch: pytest.MonkeyPatch, m: int, aligned: bool, want: list) -> None:
+    """launch.h's measured rule: auto runs the int8-weight TMA instance from M = 512 rows
+    with 16-byte aligned x rows, and no wgmma kernel below (mma.sync / split-K) or with
+    unaligned rows (the TMA descriptor needs them); same output either way."""
+    monkeypatch.setenv("MMFREE_TERNARY_GEMM", "auto")
+    k = 2560
+    x_q, w_q, packed = _inputs(m, 640, k)
+    if not aligned:
+        buf = torch.empty(m * k + 1, dtype=torch.int8, device="cuda")
+        x_q = buf[1:].view(m, k)
+        x_q.copy_(_inputs(m, 640, k)[0])
+    args = (x_q, torch.ones(m, device="cuda"), packed, torch.ones((), device="cuda"), torch.float32)
+    assert _sm90_instances(lambda: _op(*args)) == want
+    assert torch.equal(_op(*args).to(torch.int64), _int_acc(x_q, w_q))
 
 
 def test_split_auto_is_off_until_measured(monkeypatch: pytest.MonkeyPatch) -> None:

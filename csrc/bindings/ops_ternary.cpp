@@ -75,26 +75,41 @@ std::vector<int64_t> with_last(IntArrayRef sizes, int64_t last) {
 #if defined(MMFREE_WITH_CUDA)
 // Which CUDA GEMM serves prefill-sized products (M >= 8), from MMFREE_TERNARY_GEMM:
 // unset or "auto" (wgmma on sm_90 for the large products where it measured faster,
-// mma.sync elsewhere; cuda/ternary/launch.h), "mma" (always mma.sync) or "sm90" (always
-// the sm_90a wgmma kernel; an error where that is not built or the GPU is not sm_90).
+// mma.sync elsewhere; cuda/ternary/launch.h), "mma" (always mma.sync), "sm90" (always the
+// sm_90a wgmma kernel decoding the packed weights in its pipeline) or "sm90_int8" (always
+// the wgmma kernel on the weights expanded to int8 first, in a workspace from the caching
+// allocator); the sm90 ones are an error where that is not built or the GPU is not sm_90.
 // Tests and benchmarks force each kernel with it.
 cuda::TernaryGemmImpl gemm_impl_from_env() {
   const char* v = std::getenv("MMFREE_TERNARY_GEMM");
   const std::string impl = v == nullptr ? "" : v;
-  MMFREE_CHECK(impl.empty() || impl == "auto" || impl == "mma" || impl == "sm90",
-              "mmfree: MMFREE_TERNARY_GEMM must be 'auto', 'mma' or 'sm90', got '", impl, "'");
+  MMFREE_CHECK(impl.empty() || impl == "auto" || impl == "mma" || impl == "sm90" || impl == "sm90_int8",
+              "mmfree: MMFREE_TERNARY_GEMM must be 'auto', 'mma', 'sm90' or 'sm90_int8', got '", impl, "'");
   if (impl == "mma") return cuda::TernaryGemmImpl::kMma;
-  if (impl == "sm90") {
-    MMFREE_CHECK(cuda::ternary_gemm_sm90_built(),
-                "mmfree: MMFREE_TERNARY_GEMM=sm90 needs a build whose CUDA arch list has 90");
-    return cuda::TernaryGemmImpl::kSm90;
+  if (impl == "sm90" || impl == "sm90_int8") {
+    MMFREE_CHECK(cuda::ternary_gemm_sm90_built(), "mmfree: MMFREE_TERNARY_GEMM=", impl,
+                 " needs a build whose CUDA arch list has 90");
+    return impl == "sm90" ? cuda::TernaryGemmImpl::kSm90 : cuda::TernaryGemmImpl::kSm90Int8;
   }
   return cuda::TernaryGemmImpl::kAuto;
 }
 
+// p.workspace for the kernel ternary_matmul will pick (most products need none); the
+// returned tensor owns it and must outlive the launch (the caching allocator keeps it
+// stream-ordered, so releasing it right after the launch is safe).
+std::optional<Tensor> attach_workspace(TernaryMatmulParams& p, cuda::TernaryGemmImpl impl, const Tensor& like) {
+  const size_t bytes = cuda::ternary_matmul_workspace_bytes(p, impl);
+  if (bytes == 0) return std::nullopt;
+  Tensor ws = empty({static_cast<int64_t>(bytes)}, kByte, like);
+  p.workspace = ws.data_ptr();
+  p.workspace_bytes = bytes;
+  return ws;
+}
+
 void check_gemm_launch(cudaError_t err, cuda::TernaryGemmImpl impl) {
-  MMFREE_CHECK(!(err == cudaErrorNotSupported && impl == cuda::TernaryGemmImpl::kSm90),
-              "mmfree: MMFREE_TERNARY_GEMM=sm90 needs an sm_90 GPU (H100/H200)");
+  const bool forced = impl == cuda::TernaryGemmImpl::kSm90 || impl == cuda::TernaryGemmImpl::kSm90Int8;
+  MMFREE_CHECK(!(err == cudaErrorNotSupported && forced), "mmfree: MMFREE_TERNARY_GEMM=",
+               impl == cuda::TernaryGemmImpl::kSm90 ? "sm90" : "sm90_int8", " needs an sm_90 GPU (H100/H200)");
   // The split-K switches are read by the kernel library, which can only say "invalid value":
   // name the variable here.
   if (err == cudaErrorInvalidValue) {
@@ -132,6 +147,7 @@ Tensor ternary_matmul_impl(const Tensor& x_q, const Tensor& x_scale, const Tenso
 #if defined(MMFREE_WITH_CUDA)
     const CudaGuard guard(x_q);
     const cuda::TernaryGemmImpl impl = gemm_impl_from_env();
+    const std::optional<Tensor> workspace = attach_workspace(p, impl, x_q);
     check_gemm_launch(cuda::ternary_matmul(p, current_stream(x_q), impl), impl);
 #endif
   } else {
@@ -182,6 +198,9 @@ Tensor ternary_matmul_grouped_impl(const Tensor& x_q, const Tensor& x_scale, con
 #if defined(MMFREE_WITH_CUDA)
     const CudaGuard guard(x_q);
     const cuda::TernaryGemmImpl impl = gemm_impl_from_env();
+    // Same shape for every group, run one after another on one stream: one workspace serves all.
+    const std::optional<Tensor> workspace = attach_workspace(ps[0], impl, x_q);
+    for (auto& q : ps) q.workspace = ps[0].workspace, q.workspace_bytes = ps[0].workspace_bytes;
     check_gemm_launch(cuda::ternary_matmul_grouped(ps.data(), static_cast<int>(groups), current_stream(x_q), impl),
                       impl);
 #endif

@@ -4,6 +4,7 @@
 // Weights are in the canonical packed format (common/ternary_format.h).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "common/dtype.h"
@@ -23,6 +24,11 @@ struct TernaryMatmulParams {
   void* out;              // [M, N] contiguous, out_dtype
   DType out_dtype;
   int64_t M, N, K;
+  // Scratch for kernels that first expand the packed weights (CUDA, the sm_90 int8-weight
+  // GEMM): ternary_matmul_workspace_bytes() says how much a product needs; where it gets
+  // less, the dispatch picks a kernel that needs none. Device memory, 16-byte aligned.
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
 };
 
 // Transposed product for the straight-through backward of BitLinear (SPEC.md section 1):
@@ -76,11 +82,17 @@ namespace cuda {
 // Which tensor-core GEMM serves the products that do not go to the decode GEMV (M >= 8).
 // kAuto: the sm_90a wgmma kernel on sm_90 devices for the large products where it measured
 // faster (cuda/ternary/launch.h; x rows 16-byte aligned), else the mma.sync kernel.
-// kMma: always mma.sync. kSm90: always wgmma (cudaErrorNotSupported where it is not built
-// or the device is not sm_90).
-enum class TernaryGemmImpl { kAuto, kMma, kSm90 };
+// kMma: always mma.sync. kSm90: always wgmma decoding the packed weights in its pipeline;
+// kSm90Int8: always wgmma on the weights expanded to int8 first (needs the workspace).
+// Both sm_90 ones: cudaErrorNotSupported where they are not built or the device is not sm_90.
+enum class TernaryGemmImpl { kAuto, kMma, kSm90, kSm90Int8 };
 cudaError_t ternary_matmul(const TernaryMatmulParams& p, cudaStream_t stream,
                            TernaryGemmImpl impl = TernaryGemmImpl::kAuto);
+// Bytes of p.workspace that ternary_matmul(p, stream, impl) uses on the current device (0:
+// none). The caller allocates them (the torch layer: from the caching allocator, so
+// graph capture works) and passes them in p; a product given less runs a kernel that
+// needs none (a forced kSm90Int8: cudaErrorInvalidValue).
+size_t ternary_matmul_workspace_bytes(const TernaryMatmulParams& p, TernaryGemmImpl impl = TernaryGemmImpl::kAuto);
 // `groups` independent products; decode-sized ones (M < the GEMM threshold, same M, N, K
 // and out_dtype, at most 4) share one GEMV launch, others run one after another.
 cudaError_t ternary_matmul_grouped(const TernaryMatmulParams* ps, int groups, cudaStream_t stream,

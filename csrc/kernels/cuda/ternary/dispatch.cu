@@ -64,6 +64,39 @@ bool sm90_split_pays(const TernaryMatmulParams& p) {
 }
 #endif
 
+#if defined(MMFREE_HAVE_SM90_GEMM)
+bool x_rows_aligned(const TernaryMatmulParams& p) {
+  return reinterpret_cast<uintptr_t>(p.x_q) % 16 == 0 && p.x_row_stride % 16 == 0;
+}
+
+// Whether the automatic selection takes the int8-weight wgmma kernel for this prefill-sized
+// product (launch.h: kSm90Int8Auto, kSm90Int8MinRows), workspace aside.
+bool int8_auto(const TernaryMatmulParams& p) {
+  using namespace ternary_kernels;
+  if constexpr (!kSm90Int8Auto) {
+    (void)p;
+    return false;
+  } else {
+    return p.M >= kSm90Int8MinRows && p.K > 0 && x_rows_aligned(p) && is_sm90_device();
+  }
+}
+#endif
+
+// Whether ternary_matmul(p, impl) runs the int8-weight kernel given enough workspace.
+bool wants_int8(const TernaryMatmulParams& p, TernaryGemmImpl impl, int split_mode) {
+  using namespace ternary_kernels;
+#if defined(MMFREE_HAVE_SM90_GEMM)
+  if (p.M < kGemmMinRows || p.N == 0 || reinterpret_cast<uintptr_t>(p.packed) % 16 != 0) return false;
+  if (impl == TernaryGemmImpl::kSm90Int8) return true;
+  return impl == TernaryGemmImpl::kAuto && split_mode <= 0 && int8_auto(p);
+#else
+  (void)p;
+  (void)impl;
+  (void)split_mode;
+  return false;
+#endif
+}
+
 cudaError_t launch_mma(const TernaryMatmulParams& p, cudaStream_t stream, int split_mode) {
   using namespace ternary_kernels;
   cudaError_t err = cudaSuccess;
@@ -76,6 +109,13 @@ cudaError_t launch_mma(const TernaryMatmulParams& p, cudaStream_t stream, int sp
 cudaError_t launch_prefill(const TernaryMatmulParams& p, cudaStream_t stream, TernaryGemmImpl impl,
                            int split_mode) {
   using namespace ternary_kernels;
+  if (impl == TernaryGemmImpl::kSm90Int8) {
+#if defined(MMFREE_HAVE_SM90_GEMM)
+    return launch_gemm_sm90_int8(p, stream);
+#else
+    return cudaErrorNotSupported;
+#endif
+  }
   if (impl == TernaryGemmImpl::kSm90) {
 #if defined(MMFREE_HAVE_SM90_GEMM)
     return launch_gemm_sm90(p, stream);
@@ -84,7 +124,11 @@ cudaError_t launch_prefill(const TernaryMatmulParams& p, cudaStream_t stream, Te
 #endif
   }
 #if defined(MMFREE_HAVE_SM90_GEMM)
-  const bool vec_a = reinterpret_cast<uintptr_t>(p.x_q) % 16 == 0 && p.x_row_stride % 16 == 0;
+  if (impl == TernaryGemmImpl::kAuto && p.workspace_bytes >= sm90_int8_workspace_bytes(p.N, p.K) &&
+      wants_int8(p, impl, split_mode)) {
+    return launch_gemm_sm90_int8(p, stream);
+  }
+  const bool vec_a = x_rows_aligned(p);
   const bool big = p.M >= kSm90AllColsRows || (p.M >= kSm90MinRows && p.N >= kSm90MinCols);
   if (impl == TernaryGemmImpl::kAuto && p.K > 0 && vec_a && is_sm90_device() && (big || sm90_split_pays(p))) {
     return launch_gemm_sm90(p, stream);
@@ -113,7 +157,8 @@ cudaError_t ternary_matmul(const TernaryMatmulParams& p, cudaStream_t stream, Te
   const int split_mode = split_k_override();
   if (split_mode == kSplitKInvalid) return cudaErrorInvalidValue;
   // A forced split count takes every product but the ones forced to wgmma.
-  if (split_mode > 0 && impl != TernaryGemmImpl::kSm90) return launch_gemm_split_k(p, split_mode, stream);
+  const bool forced_sm90 = impl == TernaryGemmImpl::kSm90 || impl == TernaryGemmImpl::kSm90Int8;
+  if (split_mode > 0 && !forced_sm90) return launch_gemm_split_k(p, split_mode, stream);
   if (p.M < kGemmMinRows) {
     cudaError_t err = cudaSuccess;
     const int splits = p.M >= kSplitKMinRows ? auto_splits(p, split_mode, err) : 1;
@@ -121,6 +166,14 @@ cudaError_t ternary_matmul(const TernaryMatmulParams& p, cudaStream_t stream, Te
     return splits > 1 ? launch_gemm_split_k(p, splits, stream) : launch_gemv(p, stream);
   }
   return launch_prefill(p, stream, impl, split_mode);
+}
+
+size_t ternary_matmul_workspace_bytes(const TernaryMatmulParams& p, TernaryGemmImpl impl) {
+  using namespace ternary_kernels;
+  if (p.M <= 0 || p.N <= 0 || p.K <= 0) return 0;
+  const int split_mode = split_k_override();
+  if (split_mode == kSplitKInvalid) return 0;  // ternary_matmul reports it
+  return wants_int8(p, impl, split_mode) ? sm90_int8_workspace_bytes(p.N, p.K) : 0;
 }
 
 cudaError_t ternary_matmul_grouped(const TernaryMatmulParams* ps, int groups, cudaStream_t stream,

@@ -30,9 +30,19 @@
 //   w*S/8 adds them (DSMEM, 16-byte loads) into its registers and runs the usual epilogue.
 //   No workspace, no atomics, no memset, one plain (cluster) launch: graph-safe; int32
 //   sums are exact, so the output is bit-identical to the unsplit kernel's.
+// * Int8 weights (kDenseB; TernaryGemmImpl::kSm90Int8): the packed weights are first
+//   expanded to signed int8 rows in a workspace (unpack_int8.cu, [N, 128 * blocks], zeros
+//   past K); with 16-byte aligned x rows (kTma) one producer thread then loads both tiles
+//   with TMA (cp.async.bulk.tensor, the 128-byte swizzle done by the copy engine, bytes
+//   counted on the full barrier, zero fill past M, N and K), so no tile byte passes through
+//   the LSU/L1 path that the cp.async producer keeps busy; with unaligned x rows the
+//   producer copies B with cp.async beside its byte loads of A. The expansion costs
+//   N x K x 1.25 bytes of traffic, a few percent of a large product.
 // Integer products and int32 sums are exact, so the result is bit-identical to gemm.cu's
 // and to the reference whatever the order.
 #include <cooperative_groups.h>
+#include <cuda.h>  // CUtensorMap (types only: the encoder comes from the runtime's driver entry point)
+#include <cudaTypedefs.h>
 
 #include <algorithm>
 #include <atomic>
@@ -95,10 +105,31 @@ __device__ __forceinline__ uint32_t decode4(uint32_t packed, int j) {
   return (((packed >> (2 * j)) & 0x03030303u) + 0x7F7F7F7Fu) ^ 0x80808080u;
 }
 
+// TMA descriptors of the x tile (box 128 k x 128 rows) and the int8 weight tile (128 k x BN
+// rows), both 128-byte swizzled; unused by the other instances.
+struct TmaMaps {
+  CUtensorMap a, b;
+};
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+// One 2-D tile: box at (c0 along the inner dim, c1 rows) into shared memory at dst, its
+// bytes completing on the mbarrier at bar.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+
 struct TileMap {
   int64_t m_tiles, tiles;
   int ktiles;
   int splits;  // CTAs per cluster along K; 1: no cluster, persistent blocks
+  const int8_t* w_i8;  // kDenseB: the expanded weights, [N, ktiles * kBK]
   __device__ __forceinline__ int64_t m0(int64_t tile) const { return (tile % m_tiles) * kBM; }
   template <int BN>
   __device__ __forceinline__ int64_t n0(int64_t tile) const {
@@ -132,7 +163,7 @@ __device__ __forceinline__ Work work_of(const TileMap& map) {
   return w;
 }
 
-template <int BN, bool kVecA>
+template <int BN, bool kVecA, bool kDenseB>
 __device__ __forceinline__ void producer(const TernaryMatmulParams& p, const TileMap& map, const Work& work,
                                          uint8_t* smem, uint32_t bars) {
   using C = Cfg<BN>;
@@ -145,6 +176,7 @@ __device__ __forceinline__ void producer(const TernaryMatmulParams& p, const Til
 
   uint4 next[C::kRowsPerProducer][2];
   auto load_packed = [&](int64_t tile, int kt) {
+    if constexpr (kDenseB) return;  // B comes by cp.async
     const int64_t n0 = map.template n0<BN>(tile);
 #pragma unroll
     for (int r = 0; r < C::kRowsPerProducer; ++r) {
@@ -197,10 +229,23 @@ __device__ __forceinline__ void producer(const TernaryMatmulParams& p, const Til
                                                 : make_int4(0, 0, 0, 0);
       }
     }
-    if (kVecA) cp_async_mbar_arrive(full);
+    if constexpr (kDenseB) {  // B rows like the A rows: chunk xc of rows xr0 + 16 i
+      const int64_t n0 = map.template n0<BN>(tile);
+      const int64_t ldw = static_cast<int64_t>(map.ktiles) * kBK;
+#pragma unroll
+      for (int i = 0; i < BN / 16; ++i) {
+        const int row = xr0 + 16 * i;
+        const int64_t n = n0 + row;
+        uint8_t* dst = b_tile + row * kBK + ((xc ^ (row & 7)) * 16);
+        // Rows past N: zero fill (their outputs are not stored).
+        cp_async16(smem_addr(dst), n < p.N ? map.w_i8 + n * ldw + static_cast<int64_t>(kt) * kBK + xc * 16 : map.w_i8,
+                   n < p.N ? 16 : 0);
+      }
+    }
+    if (kVecA || kDenseB) cp_async_mbar_arrive(full);
 
 #pragma unroll
-    for (int r = 0; r < C::kRowsPerProducer; ++r) {
+    for (int r = 0; r < (kDenseB ? 0 : C::kRowsPerProducer); ++r) {
       const int row = pt + r * kProducerThreads;
       uint8_t* brow = b_tile + row * kBK;
 #pragma unroll
@@ -214,7 +259,7 @@ __device__ __forceinline__ void producer(const TernaryMatmulParams& p, const Til
         }
       }
     }
-    fence_proxy_async();  // the generic-proxy stores above, before wgmma (async proxy) reads them
+    if (!kVecA || !kDenseB) fence_proxy_async();  // generic-proxy stores above, before wgmma reads them
     mbar_arrive(full);
 
     if (++stage == C::kStages) stage = 0, phase ^= 1;
@@ -222,6 +267,30 @@ __device__ __forceinline__ void producer(const TernaryMatmulParams& p, const Til
     kt = nkt;
   }
   asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+// kTma: thread 0 of the producer warpgroup issues both tiles of every stage; full[s] counts
+// one arrival (its expect_tx) plus the stage's bytes.
+template <int BN>
+__device__ __forceinline__ void producer_tma(const TileMap& map, const Work& work, const TmaMaps& maps,
+                                             uint8_t* smem, uint32_t bars) {
+  using C = Cfg<BN>;
+  if (threadIdx.x != 0) return;
+  const int64_t tiles_here = map.tiles > work.first ? (map.tiles - 1 - work.first) / work.stride + 1 : 0;
+  int64_t tile = work.first;
+  int kt = work.kt0;
+  int stage = 0;
+  uint32_t phase = 0;
+  for (int64_t it = 0, iters = tiles_here * (work.kt1 - work.kt0); it < iters; ++it) {
+    const uint32_t full = bars + 8 * stage;
+    mbar_wait(bars + 8 * (C::kStages + stage), phase ^ 1);
+    const uint32_t a_tile = smem_addr(smem + stage * C::kStageBytes);
+    mbar_arrive_expect_tx(full, C::kStageBytes);
+    tma_load_2d(a_tile, &maps.a, kt * kBK, static_cast<int>(map.m0(tile)), full);
+    tma_load_2d(a_tile + C::kABytes, &maps.b, kt * kBK, static_cast<int>(map.template n0<BN>(tile)), full);
+    if (++stage == C::kStages) stage = 0, phase ^= 1;
+    if (++kt == work.kt1) kt = work.kt0, tile += work.stride;
+  }
 }
 
 template <int BN, class OutT>
@@ -316,14 +385,16 @@ __device__ __forceinline__ bool reduce_split(int (&acc)[Cfg<BN>::kAccRegs], uint
 
 // One tile's k-tiles [kt0, kt1) (kt1 > kt0) into `acc`, releasing each stage once its
 // wgmma reads are done; returns with every wgmma complete and the last stage released.
-template <int BN>
+template <int BN, bool kTma>
 __device__ __forceinline__ void mma_tile(int (&acc)[Cfg<BN>::kAccRegs], uint32_t smem_base, uint32_t bars, int wg,
                                          int kt0, int kt1, int& stage, uint32_t& phase) {
   using C = Cfg<BN>;
   int prev = 0;
   for (int kt = kt0; kt < kt1; ++kt) {
     mbar_wait(bars + 8 * stage, phase);
-    fence_proxy_async();  // the cp.async-written A tile, seen through the barrier
+    // cp.async writes tiles in the generic proxy, seen here through the barrier; TMA
+    // writes them in the async proxy that wgmma reads, so it needs no fence.
+    if constexpr (!kTma) fence_proxy_async();
     const uint32_t a = smem_base + stage * C::kStageBytes + wg * 64 * kBK;
     const uint32_t b = smem_base + stage * C::kStageBytes + C::kABytes;
     wgmma_fence();
@@ -355,7 +426,7 @@ __device__ __forceinline__ void mma_tile(int (&acc)[Cfg<BN>::kAccRegs], uint32_t
 // no slice is empty), the reduction, the owning rank's epilogue. Kept free of a tile loop:
 // accumulators written in a divergent path (the owners' adds) must not reach a later
 // wgmma, or ptxas serializes every wgmma of the kernel (C7518).
-template <int BN, class OutT, bool kSplit>
+template <int BN, class OutT, bool kSplit, bool kTma>
 __device__ __forceinline__ void consumer(const TernaryMatmulParams& p, const TileMap& map, const Work& w,
                                          uint8_t* smem, uint32_t bars) {
   using C = Cfg<BN>;
@@ -367,20 +438,23 @@ __device__ __forceinline__ void consumer(const TernaryMatmulParams& p, const Til
   int stage = 0;
   uint32_t phase = 0;
   if constexpr (kSplit) {
-    mma_tile<BN>(acc, smem_base, bars, wg, w.kt0, w.kt1, stage, phase);
+    mma_tile<BN, kTma>(acc, smem_base, bars, wg, w.kt0, w.kt1, stage, phase);
     if (reduce_split<BN>(acc, smem, ct, w.rank, map.splits)) {
       store_tile<BN, OutT>(p, acc, map.m0(w.first), map.template n0<BN>(w.first), wg, ct & 127, ws);
     }
   } else {
     for (int64_t tile = w.first; tile < map.tiles; tile += w.stride) {
-      mma_tile<BN>(acc, smem_base, bars, wg, 0, map.ktiles, stage, phase);
+      mma_tile<BN, kTma>(acc, smem_base, bars, wg, 0, map.ktiles, stage, phase);
       store_tile<BN, OutT>(p, acc, map.m0(tile), map.template n0<BN>(tile), wg, ct & 127, ws);
     }
   }
 }
 
-template <int BN, bool kVecA, class OutT, bool kSplit>
-__global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(TernaryMatmulParams p, TileMap map) {
+// kTma (with kVecA and kDenseB): both tiles by TMA through `maps`.
+template <int BN, bool kVecA, class OutT, bool kSplit, bool kDenseB, bool kTma>
+__global__ void __launch_bounds__(kThreads, 1)
+    gemm_sm90_kernel(TernaryMatmulParams p, TileMap map, const __grid_constant__ TmaMaps maps) {
+  static_assert(!kTma || (kVecA && kDenseB), "TMA loads aligned x rows and int8 weights");
   using C = Cfg<BN>;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
@@ -389,7 +463,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(TernaryMatmulPar
   const uint32_t bars = base + C::kStages * C::kStageBytes;  // full[kStages], then empty[kStages]
   if (threadIdx.x == 0) {
     for (int s = 0; s < C::kStages; ++s) {
-      mbar_init(bars + 8 * s, kVecA ? 2 * kProducerThreads : kProducerThreads);
+      mbar_init(bars + 8 * s, kTma ? 1 : (kVecA || kDenseB ? 2 * kProducerThreads : kProducerThreads));
       mbar_init(bars + 8 * (C::kStages + s), kConsumerThreads);
     }
     mbar_init_fence();
@@ -397,22 +471,27 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(TernaryMatmulPar
   __syncthreads();
   const Work w = work_of<kSplit>(map);
   if (threadIdx.x < kProducerThreads) {
-    producer<BN, kVecA>(p, map, w, smem, bars);
+    if constexpr (kTma) {
+      producer_tma<BN>(map, w, maps, smem, bars);
+    } else {
+      producer<BN, kVecA, kDenseB>(p, map, w, smem, bars);
+    }
     if constexpr (kSplit) {  // the two barriers of reduce_split: stages free, partials written
       named_barrier_sync(1, kThreads);
       cluster_sync();
     }
   } else {
-    consumer<BN, OutT, kSplit>(p, map, w, smem, bars);
+    consumer<BN, OutT, kSplit, kTma>(p, map, w, smem, bars);
   }
   // No CTA leaves while the other ranks may still read its shared memory.
   if constexpr (kSplit) cluster_sync();
 }
 
-template <int BN, bool kVecA, class OutT, bool kSplit>
-cudaError_t launch_cfg(const TernaryMatmulParams& p, int sms, int splits, cudaStream_t stream) {
+template <int BN, bool kVecA, class OutT, bool kSplit, bool kDenseB, bool kTma>
+cudaError_t launch_cfg(const TernaryMatmulParams& p, const int8_t* w_i8, const TmaMaps& maps, int sms, int splits,
+                       cudaStream_t stream) {
   constexpr int smem = Cfg<BN>::kSmemBytes;
-  auto kernel = gemm_sm90_kernel<BN, kVecA, OutT, kSplit>;
+  auto kernel = gemm_sm90_kernel<BN, kVecA, OutT, kSplit, kDenseB, kTma>;
   static std::atomic<uint64_t> raised{0};
   cudaError_t err = raise_smem_once(kernel, smem, raised);
   if (err != cudaSuccess) return err;
@@ -421,9 +500,10 @@ cudaError_t launch_cfg(const TernaryMatmulParams& p, int sms, int splits, cudaSt
   map.tiles = map.m_tiles * ((p.N + BN - 1) / BN);
   map.ktiles = static_cast<int>(ternary::blocks_per_row(p.K));
   map.splits = kSplit ? splits : 1;
+  map.w_i8 = w_i8;
   if constexpr (!kSplit) {
     const int grid = static_cast<int>(std::min<int64_t>(map.tiles, sms));
-    kernel<<<grid, kThreads, smem, stream>>>(p, map);
+    kernel<<<grid, kThreads, smem, stream>>>(p, map, maps);
     return cudaGetLastError();
   }
   if (map.tiles * splits > INT32_MAX) return cudaErrorInvalidValue;
@@ -439,18 +519,65 @@ cudaError_t launch_cfg(const TernaryMatmulParams& p, int sms, int splits, cudaSt
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, p, map);
+  return cudaLaunchKernelEx(&cfg, kernel, p, map, maps);
+}
+
+using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;
+
+// The driver's tensor-map encoder through the runtime (no link against libcuda); nullptr
+// where the driver has none.
+EncodeTiled tensor_map_encoder() {
+  static const EncodeTiled fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      return static_cast<EncodeTiled>(nullptr);
+    }
+    return reinterpret_cast<EncodeTiled>(f);
+  }();
+  return fn;
+}
+
+// An int8 [rows, cols] matrix with rows `stride` bytes apart, in boxes of 128 columns x
+// box_rows rows, 128-byte swizzled (the layout the wgmma descriptors expect), zero fill
+// outside the matrix.
+bool encode_int8_tiles(CUtensorMap* map, const void* base, int64_t cols, int64_t rows, int64_t stride, int box_rows) {
+  const EncodeTiled encode = tensor_map_encoder();
+  if (encode == nullptr || rows > INT32_MAX || cols > INT32_MAX) return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(stride)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kBK), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t unit[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(base), dims, strides, box, unit,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 template <bool kSplit, class OutT, int BN>
-cudaError_t launch_bn(const TernaryMatmulParams& p, int sms, int splits, cudaStream_t stream) {
+cudaError_t launch_bn(const TernaryMatmulParams& p, const int8_t* w_i8, int sms, int splits, cudaStream_t stream) {
   const bool vec_a = reinterpret_cast<uintptr_t>(p.x_q) % 16 == 0 && p.x_row_stride % 16 == 0;
-  return vec_a ? launch_cfg<BN, true, OutT, kSplit>(p, sms, splits, stream)
-               : launch_cfg<BN, false, OutT, kSplit>(p, sms, splits, stream);
+  TmaMaps maps;
+  std::memset(&maps, 0, sizeof(maps));
+  if (w_i8 != nullptr) {
+    const int64_t ldw = ternary::blocks_per_row(p.K) * kBK;
+    if (vec_a && encode_int8_tiles(&maps.a, p.x_q, p.K, p.M, p.x_row_stride, kBM) &&
+        encode_int8_tiles(&maps.b, w_i8, ldw, p.N, ldw, BN)) {
+      return launch_cfg<BN, true, OutT, kSplit, true, true>(p, w_i8, maps, sms, splits, stream);
+    }
+    // Unaligned x rows: cp.async of B beside A's byte loads. No encoder in the driver: the
+    // decoding kernel (the packed weights are still there).
+    return vec_a ? launch_cfg<BN, true, OutT, kSplit, false, false>(p, nullptr, maps, sms, splits, stream)
+                 : launch_cfg<BN, false, OutT, kSplit, true, false>(p, w_i8, maps, sms, splits, stream);
+  }
+  return vec_a ? launch_cfg<BN, true, OutT, kSplit, false, false>(p, nullptr, maps, sms, splits, stream)
+               : launch_cfg<BN, false, OutT, kSplit, false, false>(p, nullptr, maps, sms, splits, stream);
 }
 
+// w_i8: the expanded weights (kDenseB instances) or nullptr (the decoding producer).
 template <class OutT>
-cudaError_t launch_typed(const TernaryMatmulParams& p, int sms, int splits, cudaStream_t stream) {
+cudaError_t launch_typed(const TernaryMatmulParams& p, const int8_t* w_i8, int sms, int splits, cudaStream_t stream) {
   // 256-wide tiles read A once per 256 outputs instead of 128 (less shared-memory traffic
   // per wgmma); 128-wide ones where the 256-wide grid would leave SMs idle. Split: the
   // 256-wide tile where its split grid still fits on the SMs in one wave.
@@ -459,19 +586,18 @@ cudaError_t launch_typed(const TernaryMatmulParams& p, int sms, int splits, cuda
   // no empty-slice branch around their wgmmas.
   splits = static_cast<int>(std::min<int64_t>(splits, ternary::blocks_per_row(p.K)));
   if (splits > 1) {
-    return tiles256 * splits <= sms ? launch_bn<true, OutT, 256>(p, sms, splits, stream)
-                                    : launch_bn<true, OutT, 128>(p, sms, splits, stream);
+    return tiles256 * splits <= sms ? launch_bn<true, OutT, 256>(p, w_i8, sms, splits, stream)
+                                    : launch_bn<true, OutT, 128>(p, w_i8, sms, splits, stream);
   }
-  return tiles256 >= sms ? launch_bn<false, OutT, 256>(p, sms, 1, stream)
-                         : launch_bn<false, OutT, 128>(p, sms, 1, stream);
+  return tiles256 >= sms ? launch_bn<false, OutT, 256>(p, w_i8, sms, 1, stream)
+                         : launch_bn<false, OutT, 128>(p, w_i8, sms, 1, stream);
 }
 
 }  // namespace
 
-cudaError_t launch_gemm_sm90(const TernaryMatmulParams& p, cudaStream_t stream) {
-  if (p.M == 0 || p.N == 0) return cudaSuccess;
-  if (reinterpret_cast<uintptr_t>(p.packed) % 16 != 0) return cudaErrorInvalidValue;
-  if (p.K == 0) return launch_gemm(p, stream);  // no k-tile to start the accumulators
+namespace {
+
+cudaError_t launch_sm90(const TernaryMatmulParams& p, const int8_t* w_i8, cudaStream_t stream) {
   int dev = 0, sms = 0, major = 0, minor = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
@@ -482,8 +608,31 @@ cudaError_t launch_gemm_sm90(const TernaryMatmulParams& p, cudaStream_t stream) 
   const int mode = sm90_split_override();
   if (mode == kSplitKInvalid) return cudaErrorInvalidValue;
   const int splits = mode == kSplitKAuto ? sm90_split_count(p.M, p.N, p.K, sms) : std::max(mode, 1);
-  MMFREE_TERNARY_DISPATCH_OUT(p.out_dtype, T, { return launch_typed<T>(p, sms, splits, stream); });
+  MMFREE_TERNARY_DISPATCH_OUT(p.out_dtype, T, { return launch_typed<T>(p, w_i8, sms, splits, stream); });
   return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t launch_gemm_sm90(const TernaryMatmulParams& p, cudaStream_t stream) {
+  if (p.M == 0 || p.N == 0) return cudaSuccess;
+  if (reinterpret_cast<uintptr_t>(p.packed) % 16 != 0) return cudaErrorInvalidValue;
+  if (p.K == 0) return launch_gemm(p, stream);  // no k-tile to start the accumulators
+  return launch_sm90(p, nullptr, stream);
+}
+
+cudaError_t launch_gemm_sm90_int8(const TernaryMatmulParams& p, cudaStream_t stream) {
+  if (p.M == 0 || p.N == 0) return cudaSuccess;
+  if (reinterpret_cast<uintptr_t>(p.packed) % 16 != 0) return cudaErrorInvalidValue;
+  if (p.K == 0) return launch_gemm(p, stream);
+  const size_t need = sm90_int8_workspace_bytes(p.N, p.K);
+  if (p.workspace == nullptr || p.workspace_bytes < need || reinterpret_cast<uintptr_t>(p.workspace) % 16 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  int8_t* w_i8 = static_cast<int8_t*>(p.workspace);
+  cudaError_t err = launch_unpack_int8(p.packed, p.N, p.K, w_i8, stream);
+  if (err != cudaSuccess) return err;
+  return launch_sm90(p, w_i8, stream);
 }
 
 int sm90_split_override() {

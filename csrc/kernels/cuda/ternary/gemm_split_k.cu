@@ -233,11 +233,14 @@ int split_k_count(int64_t M, int64_t N, int64_t K, int sms) {
   const int64_t s = std::min<int64_t>({kMaxSplitK, 2 * sms / std::max<int64_t>(tiles, 1), ktiles / 2});
   // Where the split measured faster than the unsplit kernel (H200, benchmarks/NOTES.md,
   // "Small-M products", v1): any split up to 32 rows (the 32-row tile helps as well); up to
-  // 64 rows only 3 or more ways (2 ways lost: 2560->13824 at M = 64, 19.4 vs 18.5 us);
-  // above that only long K split 4+ ways (6912->2560 at M = 128: 25.6 vs 36.4 us), as
-  // 2560->2560 at M = 128 / 256 (6 / 3 ways: 18.1 / 21.5 vs 17.7 / 17.9 us) and
-  // 2560->7680 at M = 128 (2 ways: 19.4 vs 18.3 us) lost.
-  const bool wins = M <= 32 ? s > 1 : (M <= 64 ? s >= 3 : (s >= 4 && ktiles >= 40));
+  // 64 rows only 3 or more ways (2 ways lost: 2560->13824 at M = 64, 19.4 vs 18.5 us).
+  // Above 64 rows exactly 4 ways (session 4's sweep, splitk_sweep_h200_s4.json: 2560->2560
+  // at M = 128: 13.0 us at 4 ways against 18.0 unsplit and 17.2 at 8; 6912->2560 at M = 128
+  // / 256: 21.9 / 30.9 against 24.1 at 6 ways / 36.9 unsplit), where the formula allows 4
+  // or more, or 3 with long K; 2 and 3 ways lost there (2560->7680 at M = 128: 18.9 vs
+  // 18.3; 2560->2560 at M = 256: 18.1 / 18.5 vs 18.0).
+  if (M > 64) return s >= 4 || (s >= 3 && ktiles >= 40) ? 4 : 1;
+  const bool wins = M <= 32 ? s > 1 : s >= 3;
   return wins ? static_cast<int>(s) : 1;
 }
 

@@ -6,6 +6,10 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
+#include <cstdint>
+
+#include "common/ternary_format.h"
 #include "ternary.h"
 
 namespace mmfree {
@@ -69,6 +73,26 @@ cudaError_t launch_gemm(const TernaryMatmulParams& p, cudaStream_t stream);
 // device other than sm_90. Any M, K and x alignment; needs `packed` 16-byte aligned.
 // Splits K over a cluster as MMFREE_TERNARY_SM90_SPLITK says (sm90_split_override below).
 cudaError_t launch_gemm_sm90(const TernaryMatmulParams& p, cudaStream_t stream);
+// The same wgmma GEMM on the weights expanded to int8 first (launch_unpack_int8 into
+// p.workspace, which must hold sm90_int8_workspace_bytes(N, K), then cp.async of both
+// operands): cudaErrorInvalidValue without that workspace. Same split-K switch.
+cudaError_t launch_gemm_sm90_int8(const TernaryMatmulParams& p, cudaStream_t stream);
+// Where ternary_matmul (kAuto) takes launch_gemm_sm90_int8 on sm_90 (given the workspace and
+// 16-byte aligned x rows, i.e. its TMA instance): M >= kSm90Int8MinRows, every N. Measured
+// on the H200 (bench_ternary_cuda --gemm-sweep, session 5, benchmarks/NOTES.md "int8-weight
+// wgmma"): from M = 512 it beats every other kernel on the four 2.7B shapes (M = 512:
+// 21.7 / 57.4 / 37.7 / 113.8 us against auto's 26.2 / 67.4 / 59.0 / ~127 for 2560->2560 /
+// 2560->13824 / 6912->2560 / 2560->32000), at M = 128 it loses to the split-K and mma.sync
+// kernels on all four (21.2 vs 12.9 us on 2560->2560).
+constexpr bool kSm90Int8Auto = true;
+constexpr int64_t kSm90Int8MinRows = 512;
+// Expanded weights of an [N, K] product: N rows of 128 * ceil(K / 128) signed bytes.
+inline size_t sm90_int8_workspace_bytes(int64_t N, int64_t K) {
+  return static_cast<size_t>(N) * static_cast<size_t>(ternary::blocks_per_row(K)) * ternary::kBlockWeights;
+}
+// out[n, k] = w[n, k] in {-1, 0, 1} as int8 for k < 128 * blocks (0 past K, from the
+// padding codes); out is [N, 128 * ceil(K / 128)], 16-byte aligned; packed 16-byte aligned.
+cudaError_t launch_unpack_int8(const uint8_t* packed, int64_t N, int64_t K, int8_t* out, cudaStream_t stream);
 // Small-M GEMM: the mma.sync main loop split over K across `splits` (1..kMaxSplitK) CTAs
 // of a cluster, reduced through distributed shared memory (gemm_split_k.cu). Any M, K and
 // x alignment; needs `packed` 16-byte aligned and an sm_90 device (cudaErrorNotSupported
