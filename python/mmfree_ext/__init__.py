@@ -8,7 +8,7 @@ implementation of everything is in :mod:`mmfree_ext.reference`.
 
 from __future__ import annotations
 
-from . import nn, ops
+from . import _inductor_compat, nn, ops
 from ._native import build_info, cpu_ext, cpu_features, cpu_isa, cuda_available, set_cpu_ext, set_cpu_isa
 from .ops import (
     mlgru_scan,
@@ -27,6 +27,8 @@ from .ops import (
 )
 
 __version__ = "0.1.0"
+
+_inductor_compat.install()
 
 __all__ = [
     "__version__",
