@@ -1,6 +1,8 @@
 """Plots the prefill GEMM's speed relative to bf16 cuBLAS against M, from the JSON of
 ``bench_ternary_cuda.py --gemm-sweep``: one panel per 2.7B shape, one line per kernel
-(mma.sync, sm_90a wgmma, the dispatcher's pick), ratio = bf16 F.linear time / ours.
+(mma.sync, sm_90a wgmma in its two forms, the dispatcher's pick), ratio = bf16 F.linear time
+/ ours. ``--impls`` keeps some lines only (e.g. without ``auto`` where the JSON predates the
+current dispatch rule).
 
     python benchmarks/plot_gemm_ratio.py gemm_sweep.json --out docs/gemm_ratio_vs_m.png
 
@@ -32,6 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", help="output of bench_ternary_cuda.py --gemm-sweep --json")
     parser.add_argument("--out", default="docs/gemm_ratio_vs_m.png")
+    parser.add_argument("--impls", nargs="+", default=None, help="lines to draw (default: all in the JSON)")
+    parser.add_argument("--note", default="", help="appended to the title")
     args = parser.parse_args()
     import matplotlib
 
@@ -49,6 +53,8 @@ def main() -> None:
     }
     for ax, (k, n) in zip(axes, shapes, strict=True):
         for impl, points in series[(k, n)].items():
+            if args.impls is not None and impl not in args.impls:
+                continue
             ms, ratios = zip(*points, strict=True)
             ax.plot(ms, ratios, marker="o", label=labels.get(impl, impl), linestyle="--" if impl == "auto" else "-")
         ax.axhline(1.0, color="gray", linewidth=0.8)
@@ -59,7 +65,7 @@ def main() -> None:
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("bf16 F.linear time / ternary time")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"ternary_matmul vs bf16 cuBLAS, {meta.get('gpu', '?')} (dotted: the 1.3x target)")
+    fig.suptitle(f"ternary_matmul vs bf16 cuBLAS, {meta.get('gpu', '?')} (dotted: the 1.3x target){args.note}")
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
