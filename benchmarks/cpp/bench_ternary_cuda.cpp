@@ -74,7 +74,11 @@ struct Device {
   float* x_scale = nullptr;
   float* w_scale = nullptr;
   void* out = nullptr;
-  void release() { cudaFree(x); cudaFree(packed); cudaFree(x_scale); cudaFree(w_scale); cudaFree(out); }
+  void* workspace = nullptr;  // the int8-weight GEMM's expanded weights (every kernel gets it)
+  size_t workspace_bytes = 0;
+  void release() {
+    cudaFree(x); cudaFree(packed); cudaFree(x_scale); cudaFree(w_scale); cudaFree(out); cudaFree(workspace);
+  }
 };
 
 Device upload(const Problem& pr) {
@@ -84,6 +88,8 @@ Device upload(const Problem& pr) {
   d.x_scale = bench::device_alloc<float>(std::max<int64_t>(pr.M, 1));
   d.w_scale = bench::device_alloc<float>(1);
   d.out = bench::device_alloc<float>(std::max<int64_t>(pr.M * pr.N, 1));
+  d.workspace_bytes = std::max<size_t>(cuda::ternary_kernels::sm90_int8_workspace_bytes(pr.N, pr.K), 16);
+  d.workspace = bench::device_alloc<uint8_t>(d.workspace_bytes);
   bench::check_cuda(cudaMemcpy(d.x + pr.x_offset, pr.x.data(), pr.x.size(), cudaMemcpyHostToDevice), "copy x");
   bench::check_cuda(cudaMemcpy(d.packed, pr.packed.data(), pr.packed.size(), cudaMemcpyHostToDevice), "copy w");
   return d;
@@ -95,7 +101,7 @@ struct Kernel {
   Launcher fn;
 };
 // Indices into kKernels used by the timing tables and the misaligned-pointer check.
-enum KernelIndex { kSimple = 0, kGemvV1 = 1, kGemm = 2, kDispatch = 3, kGemmSm90 = 4 };
+enum KernelIndex { kSimple = 0, kGemvV1 = 1, kGemm = 2, kDispatch = 3, kGemmSm90 = 4, kGemmSm90Int8 = 6 };
 cudaError_t dispatch(const TernaryMatmulParams& p, cudaStream_t stream) { return cuda::ternary_matmul(p, stream); }
 #if defined(MMFREE_HAVE_SM90_GEMM)
 // The cluster split-K GEMM at 3 CTAs per cluster (uneven slices of K); needs an sm_90 GPU.
@@ -111,6 +117,7 @@ const Kernel kKernels[] = {
 #if defined(MMFREE_HAVE_SM90_GEMM)
     {"gemm_sm90", &cuda::ternary_kernels::launch_gemm_sm90},  // needs an sm_90 GPU
     {"split_k3", &split_k3},
+    {"gemm_sm90_int8", &cuda::ternary_kernels::launch_gemm_sm90_int8},  // weights expanded first; sm_90
 #endif
 };
 
@@ -138,6 +145,8 @@ int64_t run_check(const Kernel& kern, const Problem& pr, Device& d, bool scaled,
   const size_t esize = static_cast<size_t>(dtype_size(t));
   bench::check_cuda(cudaMemset(d.out, 0xff, std::max<int64_t>(pr.M * pr.N, 1) * esize), "poison");
   TernaryMatmulParams p{d.x + pr.x_offset, pr.stride, d.x_scale, d.packed, d.w_scale, d.out, t, pr.M, pr.N, pr.K};
+  p.workspace = d.workspace;
+  p.workspace_bytes = d.workspace_bytes;
   bench::check_cuda(kern.fn(p, nullptr), kern.name);
   bench::check_cuda(cudaDeviceSynchronize(), kern.name);
   std::vector<uint8_t> out(static_cast<size_t>(pr.M * pr.N) * esize);
@@ -253,6 +262,8 @@ void time_all() {
     cudaFree(d.out);
     d.out = bench::device_alloc<uint16_t>(static_cast<size_t>(M * N));
     TernaryMatmulParams p{d.x, K, d.x_scale, d.packed, d.w_scale, d.out, DType::kBFloat16, M, N, K};
+    p.workspace = d.workspace;
+    p.workspace_bytes = d.workspace_bytes;
     const double bytes = static_cast<double>(pr.packed.size()) + static_cast<double>(M * K) + 2.0 * M * N;
     char shape[96];
     std::snprintf(shape, sizeof(shape), "M=%lld %lld->%lld", static_cast<long long>(M), static_cast<long long>(K),
@@ -284,6 +295,7 @@ void time_all() {
       time_one(kKernels[kGemm], M, s.n, s.k);
 #if defined(MMFREE_HAVE_SM90_GEMM)
       time_one(kKernels[kGemmSm90], M, s.n, s.k);
+      time_one(kKernels[kGemmSm90Int8], M, s.n, s.k);
 #endif
     }
   }
