@@ -44,6 +44,16 @@ def test_installed_when_inductor_is_imported() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=240)
 
 
+def test_installed_when_inductor_was_imported_first() -> None:
+    code = (
+        "from torch._inductor.exc import OperatorIssue\n"
+        "import mmfree_ext\n"
+        "from mmfree_ext._inductor_compat import bounded_operator_str as f\n"
+        "assert OperatorIssue.operator_str is f\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=240)
+
+
 def test_deep_dag_is_linear() -> None:
     node = _deep_dag(60)  # str(node) would print 2^60 leaves
     t0 = time.perf_counter()
@@ -54,7 +64,14 @@ def test_deep_dag_is_linear() -> None:
 
 
 def test_plain_arguments_print_as_torch_prints_them() -> None:
-    from torch._inductor.exc import OperatorIssue  # noqa: F401 (patched on import)
+    """Scalars, lists, dtypes and devices keep torch's text; the patched method is the one
+    Inductor's errors call."""
+    import torch
+    from torch._inductor.exc import MissingOperatorWithoutDecomp
 
-    want = "  target: op\n  args[0]: 3\n  args[1]: None\n  args[2]: [1, 2]\n  kwargs: {'eps': 1e-06}"
-    assert _inductor_compat.bounded_operator_str("op", [3, None, [1, 2]], {"eps": 1e-6}) == want
+    args = [3, None, [1, 2], torch.bfloat16, torch.device("cpu")]
+    want = (
+        "  target: op\n  args[0]: 3\n  args[1]: None\n  args[2]: [1, 2]\n  args[3]: torch.bfloat16\n"
+        "  args[4]: cpu\n  kwargs: {'eps': 1e-06}"
+    )
+    assert MissingOperatorWithoutDecomp.operator_str("op", args, {"eps": 1e-6}) == want

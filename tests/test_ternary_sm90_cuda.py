@@ -288,10 +288,14 @@ def test_split_bitwise_equal_to_unsplit(monkeypatch: pytest.MonkeyPatch, m: int,
     ("m", "aligned", "want"),
     [(512, True, [(False, True, True)]), (4096, True, [(False, True, True)]), (300, True, []), (512, False, [])],
 )
-def test_auto_takes_int8_tma_from_512_rows(monkeypatch: pytest.MonkeyPatch, m: int, aligned: bool, want: list) -> None:
+def test_auto_takes_int8_tma_from_512_rows(
+    impl: str, monkeypatch: pytest.MonkeyPatch, m: int, aligned: bool, want: list
+) -> None:
     """launch.h's measured rule: auto runs the int8-weight TMA instance from M = 512 rows
     with 16-byte aligned x rows, and no wgmma kernel below (mma.sync / split-K) or with
     unaligned rows (the TMA descriptor needs them); same output either way."""
+    if impl != "sm90":
+        pytest.skip("sets MMFREE_TERNARY_GEMM=auto itself: one run is enough")
     monkeypatch.setenv("MMFREE_TERNARY_GEMM", "auto")
     k = 2560
     x_q, w_q, packed = _inputs(m, 640, k)
@@ -302,6 +306,15 @@ def test_auto_takes_int8_tma_from_512_rows(monkeypatch: pytest.MonkeyPatch, m: i
     args = (x_q, torch.ones(m, device="cuda"), packed, torch.ones((), device="cuda"), torch.float32)
     assert _sm90_instances(lambda: _op(*args)) == want
     assert torch.equal(_op(*args).to(torch.int64), _int_acc(x_q, w_q))
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(300, 777, 2576), (130, 2560, 6928), (513, 264, 2064)])
+def test_k_tail_past_the_last_k_tile(m: int, n: int, k: int) -> None:
+    """K a multiple of 16 but not of 128 over several k-tiles: aligned x rows, so the int8
+    form loads them by TMA and its zero fill past K must cover the last tile's tail."""
+    x_q, w_q, packed = _inputs(m, n, k)
+    out = _op(x_q, torch.ones(m, device="cuda"), packed, torch.ones((), device="cuda"), torch.float32)
+    assert torch.equal(out.to(torch.int64), _int_acc(x_q, w_q))
 
 
 def test_split_auto_is_off_until_measured(monkeypatch: pytest.MonkeyPatch) -> None:

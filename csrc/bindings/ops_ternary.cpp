@@ -198,9 +198,15 @@ Tensor ternary_matmul_grouped_impl(const Tensor& x_q, const Tensor& x_scale, con
 #if defined(MMFREE_WITH_CUDA)
     const CudaGuard guard(x_q);
     const cuda::TernaryGemmImpl impl = gemm_impl_from_env();
-    // Same shape for every group, run one after another on one stream: one workspace serves all.
-    const std::optional<Tensor> workspace = attach_workspace(ps[0], impl, x_q);
-    for (auto& q : ps) q.workspace = ps[0].workspace, q.workspace_bytes = ps[0].workspace_bytes;
+    // The groups run one after another on one stream: one workspace, the largest any group's
+    // kernel wants (alignments differ per group), serves all.
+    size_t bytes = 0;
+    for (const auto& q : ps) bytes = std::max(bytes, cuda::ternary_matmul_workspace_bytes(q, impl));
+    std::optional<Tensor> workspace;
+    if (bytes > 0) {
+      workspace = empty({static_cast<int64_t>(bytes)}, kByte, x_q);
+      for (auto& q : ps) q.workspace = workspace->data_ptr(), q.workspace_bytes = bytes;
+    }
     check_gemm_launch(cuda::ternary_matmul_grouped(ps.data(), static_cast<int>(groups), current_stream(x_q), impl),
                       impl);
 #endif

@@ -11,9 +11,11 @@ that ``ir.py __str__`` recursion for minutes and never finished; vLLM hit the sa
 custom ops (vllm-project/vllm#42129, #43111).
 
 :func:`install` replaces ``operator_str`` with a version that names each IR argument by its
-type and buffer name instead of recursing. It only changes that log text. The patch lands when
-``torch._inductor.exc`` is first imported (a meta-path hook), so importing mmfree_ext does not
-import Inductor.
+type and buffer name instead of recursing. That changes the text of this log line and of
+Inductor's ``MissingOperatorWith(out)Decomp`` / ``LoweringException`` messages, which format
+their operator the same way, for every op in the process (also on torch versions that already
+log lazily: their messages get shorter). The patch lands when ``torch._inductor.exc`` is first
+imported (a meta-path hook), so importing mmfree_ext does not import Inductor.
 """
 
 from __future__ import annotations
@@ -29,10 +31,19 @@ _MAX_ITEMS = 8
 _MAX_CHARS = 200
 
 
+def _prints_small(arg: Any) -> bool:
+    """dtypes, devices, symbolic sizes (SymInt, sympy expressions): short, informative str()."""
+    import torch
+
+    if isinstance(arg, (torch.dtype, torch.device, torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return True
+    return type(arg).__module__.split(".")[0] == "sympy"
+
+
 def _short(arg: Any, depth: int = 0) -> str:
     """A bounded description: plain values as they print, sequences up to _MAX_ITEMS items,
     anything else (IR nodes, tensors) by type and, where it has one, its buffer name."""
-    if arg is None or isinstance(arg, (bool, int, float, str)):
+    if arg is None or isinstance(arg, (bool, int, float, str)) or _prints_small(arg):
         return str(arg)[:_MAX_CHARS]
     if isinstance(arg, (list, tuple)) and depth < 2:
         items = [_short(a, depth + 1) for a in arg[:_MAX_ITEMS]]
@@ -77,10 +88,10 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         def exec_module(module: Any) -> None:
             run(module)
             _patch(module)
+            if self in sys.meta_path:  # done once the module has run (a failed import retries)
+                sys.meta_path.remove(self)
 
         spec.loader.exec_module = exec_module  # this module's loader instance only
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
         return spec
 
 

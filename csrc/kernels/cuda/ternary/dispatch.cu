@@ -124,8 +124,9 @@ cudaError_t launch_prefill(const TernaryMatmulParams& p, cudaStream_t stream, Te
 #endif
   }
 #if defined(MMFREE_HAVE_SM90_GEMM)
-  if (impl == TernaryGemmImpl::kAuto && p.workspace_bytes >= sm90_int8_workspace_bytes(p.N, p.K) &&
-      wants_int8(p, impl, split_mode)) {
+  const bool have_workspace = p.workspace != nullptr && reinterpret_cast<uintptr_t>(p.workspace) % 16 == 0 &&
+                              p.workspace_bytes >= sm90_int8_workspace_bytes(p.N, p.K);
+  if (impl == TernaryGemmImpl::kAuto && have_workspace && wants_int8(p, impl, split_mode)) {
     return launch_gemm_sm90_int8(p, stream);
   }
   const bool vec_a = x_rows_aligned(p);

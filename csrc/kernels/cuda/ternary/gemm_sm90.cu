@@ -473,6 +473,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x < kProducerThreads) {
     if constexpr (kTma) {
       producer_tma<BN>(map, w, maps, smem, bars);
+      __syncwarp();  // lane 0 issued the copies alone: warp 0 whole again before the aligned barriers
     } else {
       producer<BN, kVecA, kDenseB>(p, map, w, smem, bars);
     }
@@ -528,6 +529,9 @@ using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;
 // where the driver has none.
 EncodeTiled tensor_map_encoder() {
   static const EncodeTiled fn = [] {
+#if CUDART_VERSION < 12050
+    return static_cast<EncodeTiled>(nullptr);  // no versioned entry-point query before CUDA 12.5
+#else
     void* f = nullptr;
     cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
     if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found) !=
@@ -536,6 +540,7 @@ EncodeTiled tensor_map_encoder() {
       return static_cast<EncodeTiled>(nullptr);
     }
     return reinterpret_cast<EncodeTiled>(f);
+#endif
   }();
   return fn;
 }

@@ -74,8 +74,9 @@ cudaError_t launch_gemm(const TernaryMatmulParams& p, cudaStream_t stream);
 // Splits K over a cluster as MMFREE_TERNARY_SM90_SPLITK says (sm90_split_override below).
 cudaError_t launch_gemm_sm90(const TernaryMatmulParams& p, cudaStream_t stream);
 // The same wgmma GEMM on the weights expanded to int8 first (launch_unpack_int8 into
-// p.workspace, which must hold sm90_int8_workspace_bytes(N, K), then cp.async of both
-// operands): cudaErrorInvalidValue without that workspace. Same split-K switch.
+// p.workspace, which must hold sm90_int8_workspace_bytes(N, K), 16-byte aligned), then both
+// tiles by TMA (cp.async for B beside byte loads of A where x rows are not 16-byte aligned):
+// cudaErrorInvalidValue without that workspace. Same split-K switch.
 cudaError_t launch_gemm_sm90_int8(const TernaryMatmulParams& p, cudaStream_t stream);
 // Where ternary_matmul (kAuto) takes launch_gemm_sm90_int8 on sm_90 (given the workspace and
 // 16-byte aligned x rows, i.e. its TMA instance): M >= kSm90Int8MinRows, every N. Measured
