@@ -105,8 +105,8 @@ bench() {  # bench <seconds> <name> <command...>
 }
 if has bench; then
   step bench
-  # BENCH picks and orders them: gemm gemm_sweep decode decode_batches mlgru bitlinear
-  # train_eager train_compiled.
+  # BENCH picks and orders them: gemm gemm_sweep decode decode_batches prefill mlgru bitlinear
+  # train_eager train_compiled ncu_gemm (NCU_SHAPE=M:K:N, default 2048:2560:2560).
   for b in ${BENCH:-gemm decode mlgru bitlinear train_eager train_compiled}; do
     case $b in
       gemm) TAIL=60 bench 90 gemm python3 benchmarks/bench_ternary_cuda.py --splitk-sweep \
@@ -115,6 +115,12 @@ if has bench; then
                     --json "$LOG/gemm_sweep.json" ;;
       decode_batches) TAIL=30 bench 240 decode_batches python3 benchmarks/bench_decode.py --batch 1 8 64 \
                         --json "$LOG/bench_decode.json" ;;
+      prefill) TAIL=20 bench 150 prefill python3 benchmarks/bench_model.py --device cuda --configs 2.7B --batch 1 \
+                 --prefill 2048 --json "$LOG/bench_model_prefill.json" ;;
+      ncu_gemm) TAIL=80 bench 180 ncu_gemm ncu -k regex:gemm_sm90_kernel --launch-skip 1 --launch-count 1 \
+                  --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+                  --section MemoryWorkloadAnalysis python3 benchmarks/ncu_ternary_gemm.py \
+                  sm90_int8:${NCU_SHAPE:-2048:2560:2560} ;;
       decode) TAIL=20 bench 75 decode env PYTHONPATH="$PYTHONPATH:benchmarks" python3 benchmarks/decode_variants.py \
                 --batch 1 ;;
       mlgru) TAIL=30 bench 45 mlgru python3 benchmarks/bench_mlgru.py --quick --json "$LOG/bench_mlgru.json" ;;
