@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from mmfree_ext import _inductor_compat
 
 
@@ -31,27 +33,26 @@ def _deep_dag(depth: int) -> _Node:
     return node
 
 
-def test_installed_when_inductor_is_imported() -> None:
-    """In a fresh interpreter: importing mmfree_ext does not import Inductor, and importing
-    Inductor afterwards finds the bounded version in place."""
-    code = (
-        "import sys, mmfree_ext\n"
-        "assert 'torch._inductor.exc' not in sys.modules\n"
-        "from torch._inductor.exc import OperatorIssue, MissingOperatorWithoutDecomp\n"
-        "from mmfree_ext._inductor_compat import bounded_operator_str as f\n"
-        "assert OperatorIssue.operator_str is f and MissingOperatorWithoutDecomp.operator_str is f\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=240)
+_CHECK = (
+    "from torch._inductor.exc import OperatorIssue, MissingOperatorWithoutDecomp\n"
+    "from mmfree_ext._inductor_compat import bounded_operator_str as f\n"
+    "assert OperatorIssue.operator_str is f and MissingOperatorWithoutDecomp.operator_str is f\n"
+)
 
 
-def test_installed_when_inductor_was_imported_first() -> None:
-    code = (
-        "from torch._inductor.exc import OperatorIssue\n"
-        "import mmfree_ext\n"
-        "from mmfree_ext._inductor_compat import bounded_operator_str as f\n"
-        "assert OperatorIssue.operator_str is f\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=240)
+@pytest.mark.parametrize(
+    "prelude",
+    [
+        # mmfree_ext first: it must not import Inductor, and Inductor's import gets the patch
+        "import sys, mmfree_ext\nassert 'torch._inductor.exc' not in sys.modules\n",
+        # Inductor first: mmfree_ext's import patches the loaded module
+        "import torch._inductor.exc\nimport mmfree_ext\n",
+    ],
+    ids=["mmfree_first", "inductor_first"],
+)
+def test_installed_in_either_import_order(prelude: str) -> None:
+    """In a fresh interpreter, whichever of the two is imported first."""
+    subprocess.run([sys.executable, "-c", prelude + _CHECK], check=True, timeout=240)
 
 
 def test_deep_dag_is_linear() -> None:
