@@ -145,8 +145,9 @@ def test_grouped_large_m() -> None:
         assert torch.equal(out[i], want)
 
 
-def test_cuda_graph_capture() -> None:
-    m, n, k = 512, 2560, 2560
+def _assert_graph_replays(m: int, n: int, k: int) -> None:
+    """The product captured in a CUDA graph (after a warm-up outside it) and replayed with new
+    activations gives the reference's bits each time."""
     x_q, _, packed = _inputs(m, n, k)
     x_scale = torch.rand(m, device="cuda") * 0.02 + 1e-3
     w_scale = torch.full((), 0.05, device="cuda")
@@ -166,6 +167,10 @@ def test_cuda_graph_capture() -> None:
         torch.cuda.synchronize()
         want = ref.ternary_matmul(new_x, x_scale, packed, w_scale, k, out_dtype=torch.bfloat16)
         assert torch.equal(static_out, want)
+
+
+def test_cuda_graph_capture() -> None:
+    _assert_graph_replays(512, 2560, 2560)
 
 
 def test_torch_compile_fullgraph() -> None:
@@ -354,26 +359,7 @@ def test_split_extreme_values(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_split_cuda_graph_capture(monkeypatch: pytest.MonkeyPatch, splits: str) -> None:
     """The cluster launch (no workspace, no memset) captured and replayed with new inputs."""
     monkeypatch.setenv("MMFREE_TERNARY_SM90_SPLITK", splits)
-    m, n, k = 512, 2560, 6912
-    x_q, _, packed = _inputs(m, n, k)
-    x_scale = torch.rand(m, device="cuda") * 0.02 + 1e-3
-    w_scale = torch.full((), 0.05, device="cuda")
-    static_x = x_q.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up outside the capture (first-launch attribute setup)
-        _op(static_x, x_scale, packed, w_scale, torch.bfloat16)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = _op(static_x, x_scale, packed, w_scale, torch.bfloat16)
-    for _ in range(2):
-        new_x = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
-        static_x.copy_(new_x)
-        graph.replay()
-        torch.cuda.synchronize()
-        want = ref.ternary_matmul(new_x, x_scale, packed, w_scale, k, out_dtype=torch.bfloat16)
-        assert torch.equal(static_out, want)
+    _assert_graph_replays(512, 2560, 6912)
 
 
 @pytest.mark.parametrize("bad", ["1", "9", "0", "two"])
