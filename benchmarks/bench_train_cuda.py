@@ -169,6 +169,7 @@ def main() -> None:
             "x_deq = x_q * x_scale": lambda: torch.ops.mmfree.dequantize_rows(x_q, x_scale, dt),
             "x_deq via torch.mul (ref)": lambda: torch.mul(x_q, x_scale[:, None], out=torch.empty_like(x)),
             "dW = dY^T @ x_deq (cuBLAS)": lambda: dy.t() @ x_deq,
+            "dY row quant (int8 dX)": lambda: torch.ops.mmfree.quantize_rows_int8(dy),
         }
         print(f"\n## stages of ours (M={m} K={k} N={n})")
         for name, fn in stages.items():

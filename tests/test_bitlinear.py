@@ -13,6 +13,7 @@ import torch
 
 import mmfree_ext
 from conftest import DEVICES
+from mmfree_ext import reference
 from mmfree_ext.nn import BitLinear
 from mmfree_ext.ops.bitlinear import DX_ENV, bitlinear, int8_dx_default
 
@@ -29,10 +30,7 @@ def _inputs(m: int, k: int, n: int, dtype: torch.dtype, device: str = "cpu"):
 
 def _quantize_rows(dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row absmax int8, as the op does: s = max|dy| / 127 (1 for a zero row), q = round(dy / s)."""
-    amax = dy.abs().amax(-1).float()
-    s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.round(dy.float() / s.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
-    return q, s
+    return reference.quantize_rows_int8(dy)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -112,6 +110,23 @@ def test_int8_dx_is_the_exact_backward_of_the_quantized_dy(device: str, dtype: t
     assert not torch.equal(dx8, dx)
     rel = (dx8.float() - dx.float()).norm() / dx.float().norm()
     assert rel < 0.05
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_dx_is_its_three_ops_bit_for_bit(device: str, dtype: torch.dtype) -> None:
+    """int8 dX = rms_norm_backward(ternary_matmul(quantize_rows_int8(dY), W_q^T)), nothing else."""
+    m, k, n = 48, 320, 264
+    x, w, g = _inputs(m, k, n, dtype, device)
+    dy = torch.randn(m, n, device=device).to(dtype)
+    _, packed, w_scale, x_q, x_scale, packed_t = torch.ops.mmfree.bitlinear_forward(x, w, g, EPS, True)
+    dx8, _, dg8 = torch.ops.mmfree.bitlinear_backward(
+        dy, x, x_q, x_scale, packed, w_scale, packed_t, g, EPS, w.dtype, True
+    )
+    q, s = torch.ops.mmfree.quantize_rows_int8(dy)
+    dxn = torch.ops.mmfree.ternary_matmul(q, s, packed_t, w_scale, dtype)
+    want_dx, want_dg = torch.ops.mmfree.rms_norm_backward(dxn, x, g, EPS, None, None)
+    assert torch.equal(dx8, want_dx) and torch.equal(dg8, want_dg)
 
 
 @pytest.mark.parametrize("device", DEVICES)

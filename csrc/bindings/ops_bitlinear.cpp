@@ -103,35 +103,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bitlinear_forward_imp
   return {y, packed, w_scale, x_q, x_scale, packed_t};
 }
 
-// Per-row absmax int8 quantization of g [M, N]: q = round(g / s) in [-127, 127], s = max|g| / 127
-// (an all-zero row gets s = 1 and q = 0). Row blocks bound the fp32 temporary to ~64 MiB.
-// The Scalar arguments of the original (amax > 0, amax / 127.0, clamp_(-127, 127)) become 0-dim
-// fp32 tensors (the stable dispatcher call takes no Scalar). The divisor is a CPU one
-// (cpu_scalar): binary ops take a CPU 0-dim operand as a scalar on every device, down the
-// same kernel path as a Python scalar (on CUDA: multiply by the reciprocal), so the scales
-// are the bits the original computed. The others sit on g's device: ternary ops (where,
-// clamp) take no CPU operand with CUDA tensors, and their results are exact either way.
-TensorPair quantize_rows_int8(const Tensor& g) {
-  const int64_t m = g.size(0), n = g.size(1);
-  Tensor q = empty({m, n}, kChar, g);
-  Tensor scale = empty({m}, kFloat, g);
-  const Tensor s127 = cpu_scalar(127.0, kFloat);
-  const Tensor zero = scalar_tensor(0.0, kFloat, g), one = scalar_tensor(1.0, kFloat, g),
-               lo = scalar_tensor(-127.0, kFloat, g), hi = scalar_tensor(127.0, kFloat, g);
-  const int64_t rows = std::max<int64_t>(1, (int64_t{16} << 20) / std::max<int64_t>(n, 1));
-  for (int64_t r0 = 0; r0 < m; r0 += rows) {
-    const int64_t r = std::min(rows, m - r0);
-    const Tensor gb = narrowed(g, 0, r0, r);
-    const Tensor amax = to(torch::stable::amax(aten::abs(gb), -1, false), kFloat);
-    Tensor sb = narrowed(scale, 0, r0, r);
-    torch::stable::copy_(sb, aten::where(aten::gt(amax, zero), aten::div(amax, s127), one));
-    Tensor qd = aten::div(gb, torch::stable::unsqueeze(sb, 1));
-    aten::round_(qd);
-    aten::clamp_(qd, lo, hi);
-    Tensor qb = narrowed(q, 0, r0, r);
-    torch::stable::copy_(qb, qd);
-  }
-  return {q, scale};
+// Per-row absmax int8 quantization of g [M, N] (mmfree::quantize_rows_int8, one kernel).
+TensorPair call_quantize_rows_int8(const Tensor& g) {
+  auto r = call_op<2>("mmfree::quantize_rows_int8", "", g);
+  return {take(r[0]), take(r[1])};
 }
 
 void check_saved(const Tensor& x, const Tensor& x_q, const Tensor& x_scale, const Tensor& packed, const Tensor& w_scale,
@@ -191,7 +166,7 @@ std::tuple<Tensor, Tensor, Tensor> bitlinear_backward_impl(const Tensor& grad_ou
     if (n == 0 || m == 0) {
       dxn = zeros({m, k}, xt, x);
     } else {
-      auto [g_q, g_scale] = quantize_rows_int8(g2);
+      auto [g_q, g_scale] = call_quantize_rows_int8(g2);
       dxn = call_ternary_matmul(g_q, g_scale, packed_t, w_scale, xt);
     }
     const Tensor x2 = contig(to(torch::stable::reshape(x, {-1, k}), xt));
@@ -204,7 +179,9 @@ std::tuple<Tensor, Tensor, Tensor> bitlinear_backward_impl(const Tensor& grad_ou
   // dW[n, k] = sum_m dY[m, n] * x_q[m, k] * x_scale[m], in dY's dtype (fp32 accumulation). cuBLAS
   // takes one dtype for both operands, so an [M, K] operand in dY's dtype is materialized
   // either way (scaling dY's rows instead would add an M x N pass): x_q * x_scale, one pass
-  // from the saved int8 activations, rounded once (mmfree::dequantize_rows).
+  // from the saved int8 activations, rounded once (mmfree::dequantize_rows). Building it a
+  // block of columns at a time (16 MiB less at the step's peak) cost 5% of the step on the
+  // H200 (benchmarks/NOTES.md, session 6), so it is built whole.
   const Tensor x_deq = call_tensor_op("mmfree::dequantize_rows", "", torch::stable::reshape(x_q, {-1, k}),
                                       torch::stable::reshape(x_scale, {-1}), g2.scalar_type());
   Tensor dw = to(aten::mm(aten::t(g2), x_deq), weight_dtype);

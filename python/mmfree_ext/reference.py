@@ -45,6 +45,7 @@ __all__ = [
     "pack_ternary",
     "packed_row_bytes",
     "quantize_activation",
+    "quantize_rows_int8",
     "quantize_ternary",
     "rms_norm",
     "rms_norm_quant",
@@ -142,6 +143,26 @@ def quantize_activation(xn: Tensor) -> tuple[Tensor, Tensor]:
     x_q = torch.where(bad, torch.zeros_like(v), v).to(torch.int8)
     x_scale = torch.where(bad, torch.full_like(amax, float("nan")), amax / 127.0).squeeze(-1)
     return x_q, x_scale
+
+
+def quantize_rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row absmax int8 quantization of a gradient (the opt-in int8 dX's dY, SwitchBack-style).
+
+    ``s = max|x| / 127`` per row (IEEE fp32 division; 1 for an all-zero row) and
+    ``q = round_half_even(x / s)`` clamped to ``[-127, 127]``, so ``q * s`` is within ``s / 2``
+    of ``x``. Unlike :func:`quantize_activation` the range is symmetric and rounding is half to
+    even. A row holding a NaN or an inf gets codes 0 and ``s`` NaN (docs/numerics.md).
+    """
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)  # NaN if the row holds one, inf for an inf
+    bad = ~torch.isfinite(amax)
+    # A tensor divisor: true division on every device (a Python scalar divisor becomes a
+    # multiply by its reciprocal on CUDA).
+    s = torch.where(amax > 0, amax / torch.full_like(amax, 127.0), torch.ones_like(amax))
+    s = torch.where(bad, torch.full_like(amax, float("nan")), s)
+    v = torch.round(xf / torch.where(bad, torch.ones_like(s), s).unsqueeze(-1)).clamp(-127, 127)
+    q = torch.where(bad.unsqueeze(-1), torch.zeros_like(v), v).to(torch.int8)
+    return q, s
 
 
 def rms_norm_quant(x: Tensor, weight: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:

@@ -8,7 +8,7 @@ from .. import _native  # noqa: F401  (registers the native schemas before the f
 from .act import silu_mul
 from .bitlinear import bitlinear
 from .decode import decode_step
-from .dequant import dequantize_rows
+from .dequant import dequantize_rows, quantize_rows_int8
 from .glu import silu_mul_ternary_linear
 from .loss import ternary_linear_cross_entropy
 from .mlgru import mlgru_scan
@@ -33,6 +33,7 @@ __all__ = [
     "decode_step",
     "dequantize_rows",
     "mlgru_scan",
+    "quantize_rows_int8",
     "quantize_ternary",
     "rms_norm",
     "rms_norm_quant",
