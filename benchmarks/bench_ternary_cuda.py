@@ -95,25 +95,30 @@ def gemm_sweep(device: str) -> list[Row]:
     if torch.cuda.get_device_capability() == (9, 0) and any(
         a.startswith("90") for a in mmfree_ext.build_info()["cuda_archs"]
     ):
-        impls[1:1] = ["sm90", "sm90_int8"]
+        # sm90_int8_notail: the int8-weight form without its tail-wave split (the same kernel
+        # as sm90_int8 wherever the tiles fill whole waves).
+        impls[1:1] = ["sm90", "sm90_int8", "sm90_int8_notail"]
     rows: list[Row] = []
-    saved = os.environ.get("MMFREE_TERNARY_GEMM")
+    keys = ("MMFREE_TERNARY_GEMM", "MMFREE_TERNARY_SM90_TAIL")
+    saved = {key: os.environ.get(key) for key in keys}
     try:
         for m in SWEEP_ROWS:
             for n, k in SWEEP_SHAPES:
                 case = make_case(m, n, k, device)
                 for impl in impls:
-                    os.environ["MMFREE_TERNARY_GEMM"] = impl
+                    os.environ["MMFREE_TERNARY_GEMM"] = impl.removesuffix("_notail")
+                    os.environ["MMFREE_TERNARY_SM90_TAIL"] = "off" if impl.endswith("_notail") else "auto"
                     case.name = f"ternary_matmul[{impl}]"
                     case.extra["impl"] = impl
                     row = bench(case, device)
                     row.extra["pct_int8_peak"] = 100.0 * (row.tflops or 0.0) / INT8_PEAK_TOPS
                     rows.append(row)
     finally:
-        if saved is None:
-            os.environ.pop("MMFREE_TERNARY_GEMM", None)
-        else:
-            os.environ["MMFREE_TERNARY_GEMM"] = saved
+        for key, val in saved.items():
+            if val is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = val
     return rows
 
 

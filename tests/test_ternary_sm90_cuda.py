@@ -291,7 +291,13 @@ def test_split_bitwise_equal_to_unsplit(monkeypatch: pytest.MonkeyPatch, m: int,
 
 @pytest.mark.parametrize(
     ("m", "aligned", "want"),
-    [(512, True, [(False, True, True)]), (4096, True, [(False, True, True)]), (300, True, []), (512, False, [])],
+    [
+        (512, True, [(False, True, True)]),
+        # 32 x 5 = 160 tiles of 128 x 128 on 132 SMs, but 20 k-tiles: too few for the tail split.
+        (4096, True, [(False, True, True)]),
+        (300, True, []),
+        (512, False, []),
+    ],
 )
 def test_auto_takes_int8_tma_from_512_rows(
     impl: str, monkeypatch: pytest.MonkeyPatch, m: int, aligned: bool, want: list
@@ -367,4 +373,52 @@ def test_split_bad_override_raises(monkeypatch: pytest.MonkeyPatch, bad: str) ->
     monkeypatch.setenv("MMFREE_TERNARY_SM90_SPLITK", bad)
     x_q, _, packed = _inputs(128, 16, 64)
     with pytest.raises(RuntimeError, match=r"MMFREE_TERNARY_SM90_SPLITK must be 'auto', 'off' or 2\.\.8"):
+        _op(x_q, torch.ones(128, device="cuda"), packed, torch.ones((), device="cuda"), torch.float32)
+
+
+# The tail wave (launch.h, sm90_tail_splits): M = 2048 x 6912->2560 is 160 tiles of 128 x 256
+# on 132 SMs; the 28 past the full wave run split 4 ways over K (54 k-tiles) in a second launch.
+TAIL_SHAPE = (2048, 2560, 6912)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tail_wave_split_is_bitwise_the_unsplit_product(monkeypatch: pytest.MonkeyPatch, impl: str, dtype) -> None:
+    m, n, k = TAIL_SHAPE
+    x_q, w_q, packed = _inputs(m, n, k)
+    x_scale = torch.rand(m, device="cuda") * 0.02 + 1e-3
+    w_scale = torch.rand((), device="cuda") * 0.1 + 1e-3
+    want = ref.ternary_matmul(x_q, x_scale, packed, w_scale, k, out_dtype=dtype)
+    int8 = impl == "sm90_int8"
+    for tail, launches in [("auto", [(False, int8, int8), (True, int8, int8)]), ("off", [(False, int8, int8)])]:
+        monkeypatch.setenv("MMFREE_TERNARY_SM90_TAIL", tail)
+        assert torch.equal(_op(x_q, x_scale, packed, w_scale, dtype), want), tail
+        assert _sm90_instances(lambda: _op(x_q, x_scale, packed, w_scale, dtype)) == launches, tail
+    monkeypatch.setenv("MMFREE_TERNARY_SM90_TAIL", "auto")
+    ones = (torch.ones(m, device="cuda"), torch.ones((), device="cuda"))
+    assert torch.equal(_op(x_q, ones[0], packed, ones[1], torch.float32).to(torch.int64), _int_acc(x_q, w_q))
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "split"),
+    [(2048, 2560, 256, False), (2048, 2560, 2560, False), (4224, 2560, 6912, True), (2049, 2560, 6920, True)],
+)
+def test_tail_wave_rule(m: int, n: int, k: int, split: bool) -> None:
+    """160 tiles with 2 or 20 k-tiles: no tail launch (4 ways would spare a rank 1.5 or 15
+    k-tiles, under the 24 that pay for it); 330 tiles with 54 leave 66, split 2 ways; 2049 rows
+    (170 tiles, a ragged last m-tile) with K = 6920 (a k tail, unaligned x rows) leave 38,
+    split 3 ways."""
+    x_q, w_q, packed = _inputs(m, n, k)
+    args = (x_q, torch.ones(m, device="cuda"), packed, torch.ones((), device="cuda"), torch.float32)
+    assert _sm90_split_flags(lambda: _op(*args)) == ([False, True] if split else [False])
+    assert torch.equal(_op(*args).to(torch.int64), _int_acc(x_q, w_q))
+
+
+def test_tail_wave_cuda_graph_capture() -> None:
+    _assert_graph_replays(*TAIL_SHAPE)
+
+
+def test_tail_bad_override_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMFREE_TERNARY_SM90_TAIL", "on")
+    x_q, _, packed = _inputs(128, 16, 64)
+    with pytest.raises(RuntimeError, match=r"MMFREE_TERNARY_SM90_TAIL must be 'auto' or 'off'"):
         _op(x_q, torch.ones(128, device="cuda"), packed, torch.ones((), device="cuda"), torch.float32)

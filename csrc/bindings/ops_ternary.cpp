@@ -118,6 +118,8 @@ void check_gemm_launch(cudaError_t err, cuda::TernaryGemmImpl impl) {
     MMFREE_CHECK(cuda::ternary_kernels::sm90_split_override() != cuda::ternary_kernels::kSplitKInvalid,
                  "mmfree: MMFREE_TERNARY_SM90_SPLITK must be 'auto', 'off' or 2..",
                  cuda::ternary_kernels::kMaxSm90SplitK);
+    MMFREE_CHECK(cuda::ternary_kernels::sm90_tail_override() >= 0,
+                 "mmfree: MMFREE_TERNARY_SM90_TAIL must be 'auto' or 'off'");
   }
   MMFREE_CUDA_CHECK(err);
 }

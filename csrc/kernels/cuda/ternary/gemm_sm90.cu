@@ -125,8 +125,9 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
+// Tiles [tile0, tiles) of the product's grid (a tail launch starts past the full waves).
 struct TileMap {
-  int64_t m_tiles, tiles;
+  int64_t m_tiles, tile0, tiles;
   int ktiles;
   int splits;  // CTAs per cluster along K; 1: no cluster, persistent blocks
   const int8_t* w_i8;  // kDenseB: the expanded weights, [N, ktiles * kBK]
@@ -149,13 +150,13 @@ __device__ __forceinline__ Work work_of(const TileMap& map) {
   Work w;
   if constexpr (kSplit) {  // one tile per cluster, the cluster's ranks along K
     w.rank = static_cast<int>(cluster_ctarank());
-    w.first = blockIdx.x / map.splits;
+    w.first = map.tile0 + blockIdx.x / map.splits;
     w.stride = map.tiles;
     w.kt0 = static_cast<int>(static_cast<int64_t>(map.ktiles) * w.rank / map.splits);
     w.kt1 = static_cast<int>(static_cast<int64_t>(map.ktiles) * (w.rank + 1) / map.splits);
   } else {
     w.rank = 0;
-    w.first = blockIdx.x;
+    w.first = map.tile0 + blockIdx.x;
     w.stride = gridDim.x;
     w.kt0 = 0;
     w.kt1 = map.ktiles;
@@ -490,7 +491,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <int BN, bool kVecA, class OutT, bool kSplit, bool kDenseB, bool kTma>
 cudaError_t launch_cfg(const TernaryMatmulParams& p, const int8_t* w_i8, const TmaMaps& maps, int sms, int splits,
-                       cudaStream_t stream) {
+                       int64_t tile0, int64_t tile1, cudaStream_t stream) {
   constexpr int smem = Cfg<BN>::kSmemBytes;
   auto kernel = gemm_sm90_kernel<BN, kVecA, OutT, kSplit, kDenseB, kTma>;
   static std::atomic<uint64_t> raised{0};
@@ -498,18 +499,20 @@ cudaError_t launch_cfg(const TernaryMatmulParams& p, const int8_t* w_i8, const T
   if (err != cudaSuccess) return err;
   TileMap map;
   map.m_tiles = (p.M + kBM - 1) / kBM;
-  map.tiles = map.m_tiles * ((p.N + BN - 1) / BN);
+  map.tile0 = tile0;
+  map.tiles = tile1 < 0 ? map.m_tiles * ((p.N + BN - 1) / BN) : tile1;
   map.ktiles = static_cast<int>(ternary::blocks_per_row(p.K));
   map.splits = kSplit ? splits : 1;
   map.w_i8 = w_i8;
+  const int64_t launched = map.tiles - map.tile0;
   if constexpr (!kSplit) {
-    const int grid = static_cast<int>(std::min<int64_t>(map.tiles, sms));
+    const int grid = static_cast<int>(std::min<int64_t>(launched, sms));
     kernel<<<grid, kThreads, smem, stream>>>(p, map, maps);
     return cudaGetLastError();
   }
-  if (map.tiles * splits > INT32_MAX) return cudaErrorInvalidValue;
+  if (launched * splits > INT32_MAX) return cudaErrorInvalidValue;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(map.tiles * splits), 1, 1);
+  cfg.gridDim = dim3(static_cast<unsigned>(launched * splits), 1, 1);
   cfg.blockDim = dim3(kThreads, 1, 1);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
@@ -560,8 +563,10 @@ bool encode_int8_tiles(CUtensorMap* map, const void* base, int64_t cols, int64_t
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// Tiles [tile0, tile1) of the BN-wide grid (tile1 = -1: to the end).
 template <bool kSplit, class OutT, int BN>
-cudaError_t launch_bn(const TernaryMatmulParams& p, const int8_t* w_i8, int sms, int splits, cudaStream_t stream) {
+cudaError_t launch_bn(const TernaryMatmulParams& p, const int8_t* w_i8, int sms, int splits, cudaStream_t stream,
+                      int64_t tile0 = 0, int64_t tile1 = -1) {
   const bool vec_a = reinterpret_cast<uintptr_t>(p.x_q) % 16 == 0 && p.x_row_stride % 16 == 0;
   TmaMaps maps;
   std::memset(&maps, 0, sizeof(maps));
@@ -569,20 +574,33 @@ cudaError_t launch_bn(const TernaryMatmulParams& p, const int8_t* w_i8, int sms,
     const int64_t ldw = ternary::blocks_per_row(p.K) * kBK;
     if (vec_a && encode_int8_tiles(&maps.a, p.x_q, p.K, p.M, p.x_row_stride, kBM) &&
         encode_int8_tiles(&maps.b, w_i8, ldw, p.N, ldw, BN)) {
-      return launch_cfg<BN, true, OutT, kSplit, true, true>(p, w_i8, maps, sms, splits, stream);
+      return launch_cfg<BN, true, OutT, kSplit, true, true>(p, w_i8, maps, sms, splits, tile0, tile1, stream);
     }
     // Unaligned x rows: cp.async of B beside A's byte loads. No encoder in the driver: the
     // decoding kernel (the packed weights are still there).
-    return vec_a ? launch_cfg<BN, true, OutT, kSplit, false, false>(p, nullptr, maps, sms, splits, stream)
-                 : launch_cfg<BN, false, OutT, kSplit, true, false>(p, w_i8, maps, sms, splits, stream);
+    return vec_a ? launch_cfg<BN, true, OutT, kSplit, false, false>(p, nullptr, maps, sms, splits, tile0, tile1, stream)
+                 : launch_cfg<BN, false, OutT, kSplit, true, false>(p, w_i8, maps, sms, splits, tile0, tile1, stream);
   }
-  return vec_a ? launch_cfg<BN, true, OutT, kSplit, false, false>(p, nullptr, maps, sms, splits, stream)
-               : launch_cfg<BN, false, OutT, kSplit, false, false>(p, nullptr, maps, sms, splits, stream);
+  return vec_a ? launch_cfg<BN, true, OutT, kSplit, false, false>(p, nullptr, maps, sms, splits, tile0, tile1, stream)
+               : launch_cfg<BN, false, OutT, kSplit, false, false>(p, nullptr, maps, sms, splits, tile0, tile1, stream);
 }
 
 // w_i8: the expanded weights (kDenseB instances) or nullptr (the decoding producer).
+// The full waves of the BN-wide grid persistent, then its tail split over K (sm90_tail_splits).
+template <class OutT, int BN>
+cudaError_t launch_waves(const TernaryMatmulParams& p, const int8_t* w_i8, int sms, bool tail, cudaStream_t stream) {
+  const int64_t tiles = ((p.M + kBM - 1) / kBM) * ((p.N + BN - 1) / BN);
+  const int ways = tail ? sm90_tail_splits(tiles, ternary::blocks_per_row(p.K), sms) : 1;
+  if (ways < 2) return launch_bn<false, OutT, BN>(p, w_i8, sms, 1, stream);
+  const int64_t full = tiles / sms * sms;
+  const cudaError_t err = launch_bn<false, OutT, BN>(p, w_i8, sms, 1, stream, 0, full);
+  if (err != cudaSuccess) return err;
+  return launch_bn<true, OutT, BN>(p, w_i8, sms, ways, stream, full, tiles);
+}
+
 template <class OutT>
-cudaError_t launch_typed(const TernaryMatmulParams& p, const int8_t* w_i8, int sms, int splits, cudaStream_t stream) {
+cudaError_t launch_typed(const TernaryMatmulParams& p, const int8_t* w_i8, int sms, int splits, bool tail,
+                         cudaStream_t stream) {
   // 256-wide tiles read A once per 256 outputs instead of 128 (less shared-memory traffic
   // per wgmma); 128-wide ones where the 256-wide grid would leave SMs idle. Split: the
   // 256-wide tile where its split grid still fits on the SMs in one wave.
@@ -594,8 +612,8 @@ cudaError_t launch_typed(const TernaryMatmulParams& p, const int8_t* w_i8, int s
     return tiles256 * splits <= sms ? launch_bn<true, OutT, 256>(p, w_i8, sms, splits, stream)
                                     : launch_bn<true, OutT, 128>(p, w_i8, sms, splits, stream);
   }
-  return tiles256 >= sms ? launch_bn<false, OutT, 256>(p, w_i8, sms, 1, stream)
-                         : launch_bn<false, OutT, 128>(p, w_i8, sms, 1, stream);
+  return tiles256 >= sms ? launch_waves<OutT, 256>(p, w_i8, sms, tail, stream)
+                         : launch_waves<OutT, 128>(p, w_i8, sms, tail, stream);
 }
 
 }  // namespace
@@ -613,7 +631,11 @@ cudaError_t launch_sm90(const TernaryMatmulParams& p, const int8_t* w_i8, cudaSt
   const int mode = sm90_split_override();
   if (mode == kSplitKInvalid) return cudaErrorInvalidValue;
   const int splits = mode == kSplitKAuto ? sm90_split_count(p.M, p.N, p.K, sms) : std::max(mode, 1);
-  MMFREE_TERNARY_DISPATCH_OUT(p.out_dtype, T, { return launch_typed<T>(p, w_i8, sms, splits, stream); });
+  // The tail split only under auto: "off" launches no split instance, a forced count splits all.
+  const int tail_mode = sm90_tail_override();
+  if (tail_mode < 0) return cudaErrorInvalidValue;
+  const bool tail = mode == kSplitKAuto && tail_mode == 1;
+  MMFREE_TERNARY_DISPATCH_OUT(p.out_dtype, T, { return launch_typed<T>(p, w_i8, sms, splits, tail, stream); });
   return cudaSuccess;
 }
 
@@ -640,6 +662,14 @@ cudaError_t launch_gemm_sm90_int8(const TernaryMatmulParams& p, cudaStream_t str
   return launch_sm90(p, w_i8, stream);
 }
 
+int sm90_tail_override() {
+  const char* v = std::getenv("MMFREE_TERNARY_SM90_TAIL");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return 1;
+  if (std::strcmp(v, "off") == 0) return 0;
+  std::fprintf(stderr, "mmfree: MMFREE_TERNARY_SM90_TAIL must be 'auto' or 'off', got '%s'\n", v);
+  return -1;
+}
+
 int sm90_split_override() {
   const char* v = std::getenv("MMFREE_TERNARY_SM90_SPLITK");
   if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return kSplitKAuto;
@@ -648,6 +678,15 @@ int sm90_split_override() {
   std::fprintf(stderr, "mmfree: MMFREE_TERNARY_SM90_SPLITK must be 'auto', 'off' or 2..%d, got '%s'\n",
                kMaxSm90SplitK, v);
   return kSplitKInvalid;
+}
+
+int sm90_tail_splits(int64_t tiles, int64_t ktiles, int sms) {
+  if (sms <= 0 || tiles < sms) return 1;  // no full wave: the whole-grid split's case
+  const int64_t rest = tiles % sms;
+  if (rest == 0) return 1;
+  const int64_t ways = std::min<int64_t>(kSm90TailMaxSplits, sms / rest);
+  if (ways < 2 || ktiles * (ways - 1) < kSm90TailMinSavedKtiles * ways) return 1;
+  return static_cast<int>(ways);
 }
 
 int sm90_split_count(int64_t M, int64_t N, int64_t K, int sms) {

@@ -102,6 +102,22 @@ cudaError_t launch_gemm_split_k(const TernaryMatmulParams& p, int splits, cudaSt
 // MMFREE_TERNARY_SM90_SPLITK: kSplitKAuto, kSplitKOff, 2..kMaxSm90SplitK, or
 // kSplitKInvalid (after a message on stderr) for anything else.
 int sm90_split_override();
+// The tail wave of the wgmma GEMM (auto split mode, no whole-grid split): a grid of T tiles
+// on S SMs with T >= S runs its floor(T / S) full waves persistent, and the T mod S tiles
+// left (a wave that leaves SMs idle: M = 2048 x 6912->2560 is 160 tiles of 128 x 256, 132 +
+// 28) as a second launch split over K across a cluster, so that they fill the SMs:
+// sm90_tail_splits() ways, 1 for none. At most kSm90TailMaxSplits ways, the split grid in one
+// wave, and only where the k-tiles each rank is spared, ktiles * (ways - 1) / ways, reach
+// kSm90TailMinSavedKtiles: the second launch, its pipeline fills and the reduction cost
+// about 15 k-tiles of one tile's time (H200, session 6: at 20 k-tiles, 4 ways, M = 2048
+// 2560->2560 ran 47.8 us with it and 48.0 without; at 54, 6912->2560, 78.9 against 93.1).
+// MMFREE_TERNARY_SM90_TAIL=off turns it off (benchmarks compare the two).
+constexpr int kSm90TailMaxSplits = 4;
+constexpr int kSm90TailMinSavedKtiles = 24;
+int sm90_tail_splits(int64_t tiles, int64_t ktiles, int sms);
+// MMFREE_TERNARY_SM90_TAIL: 1 ("auto" or unset), 0 ("off"), -1 (after a message on stderr)
+// for anything else.
+int sm90_tail_override();
 // CTAs per cluster the wgmma GEMM uses for this product under auto (1: no split).
 int sm90_split_count(int64_t M, int64_t N, int64_t K, int sms);
 // CTAs per cluster the automatic selection uses for this product on `sms` SMs; 1 means
