@@ -99,28 +99,31 @@ fi
 bench() {  # bench <seconds> <name> <command...>
   local secs=$1 name=$2; shift 2
   echo "--- $name"
-  timeout "$secs" "$@" > "$LOG/$name.log" 2>&1
+  timeout -s "${BENCH_SIGNAL:-TERM}" -k 10 "$secs" "$@" > "$LOG/$name.log" 2>&1
   local rc=$?; note "$name rc=$rc"
   grep -v -i -E "warn" "$LOG/$name.log" | tail -${TAIL:-16}
 }
 if has bench; then
   step bench
   # BENCH picks and orders them: gemm gemm_sweep decode decode_batches prefill mlgru bitlinear
-  # train_eager train_compiled ncu_gemm (NCU_SHAPE=M:K:N, default 2048:2560:2560).
+  # train_eager train_compiled ncu_gemm (NCU_SHAPE="M:K:N ...", default 2048:2560:2560).
   for b in ${BENCH:-gemm decode mlgru bitlinear train_eager train_compiled}; do
     case $b in
       gemm) TAIL=60 bench 90 gemm python3 benchmarks/bench_ternary_cuda.py --splitk-sweep \
               --json "$LOG/splitk_sweep.json" ;;
-      gemm_sweep) TAIL=90 bench 150 gemm_sweep python3 benchmarks/bench_ternary_cuda.py --gemm-sweep \
+      gemm_sweep) TAIL=${TAIL_SWEEP:-90} bench ${SWEEP_TIMEOUT:-240} gemm_sweep python3 benchmarks/bench_ternary_cuda.py --gemm-sweep \
                     --json "$LOG/gemm_sweep.json" ;;
       decode_batches) TAIL=30 bench 240 decode_batches python3 benchmarks/bench_decode.py --batch 1 8 64 \
                         --json "$LOG/bench_decode.json" ;;
       prefill) TAIL=20 bench 150 prefill python3 benchmarks/bench_model.py --device cuda --configs 2.7B --batch 1 \
                  --prefill 2048 --json "$LOG/bench_model_prefill.json" ;;
-      ncu_gemm) TAIL=80 bench 180 ncu_gemm ncu -k regex:gemm_sm90_kernel --launch-skip 1 --launch-count 1 \
+      # NCU_SHAPE may list several M:K:N; each shape's second call is profiled (its first warms up).
+      ncu_gemm) shapes=(${NCU_SHAPE:-2048:2560:2560})
+                TAIL=${TAIL_NCU:-80} bench 180 ncu_gemm ncu -k regex:gemm_sm90_kernel --launch-skip 1 \
+                  --launch-count $((2 * ${#shapes[@]} - 1)) \
                   --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
                   --section MemoryWorkloadAnalysis python3 benchmarks/ncu_ternary_gemm.py \
-                  sm90_int8:${NCU_SHAPE:-2048:2560:2560} ;;
+                  "${shapes[@]/#/sm90_int8:}" ;;
       decode) TAIL=20 bench 75 decode env PYTHONPATH="$PYTHONPATH:benchmarks" python3 benchmarks/decode_variants.py \
                 --batch 1 ;;
       mlgru) TAIL=30 bench 45 mlgru python3 benchmarks/bench_mlgru.py --quick --json "$LOG/bench_mlgru.json" ;;
@@ -128,8 +131,10 @@ if has bench; then
                    --json "$LOG/bench_bitlinear.json" ;;
       train_eager) TAIL=14 bench 75 train_eager python3 benchmarks/bench_train_model.py --device cuda --modes eager \
                      --json "$LOG/bench_train_model_eager.json" ;;
-      train_compiled) TAIL=14 bench ${TRAIN_COMPILED_TIMEOUT:-130} train_compiled python3 benchmarks/bench_train_model.py --device cuda \
-                        --modes compiled --json "$LOG/bench_train_model_compiled.json" ;;
+      # SIGABRT at the limit: faulthandler prints every thread's Python stack (where a compile sat).
+      train_compiled) TAIL=${TAIL_COMPILED:-14} BENCH_SIGNAL=ABRT bench ${TRAIN_COMPILED_TIMEOUT:-130} train_compiled \
+                        python3 -X faulthandler benchmarks/bench_train_model.py --device cuda --modes compiled \
+                        ${TRAIN_SIZES:+--sizes $TRAIN_SIZES} --json "$LOG/bench_train_model_compiled.json" ;;
       *) echo "unknown bench $b" ;;
     esac
   done

@@ -49,6 +49,7 @@ def main() -> None:
         "mma": "mma.sync (sm_80+)",
         "sm90": "wgmma, decode in pipeline (sm_90a)",
         "sm90_int8": "wgmma, int8 weights (sm_90a)",
+        "sm90_int8_notail": "wgmma, int8 weights, no tail split",
         "auto": "dispatch",
     }
     for ax, (k, n) in zip(axes, shapes, strict=True):
@@ -65,7 +66,8 @@ def main() -> None:
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("bf16 F.linear time / ternary time")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"ternary_matmul vs bf16 cuBLAS, {meta.get('gpu', '?')} (dotted: the 1.3x target){args.note}")
+    note = f", {args.note}" if args.note else ""
+    fig.suptitle(f"ternary_matmul vs bf16 cuBLAS, {meta.get('gpu', '?')} (dotted: the 1.3x target){note}")
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)

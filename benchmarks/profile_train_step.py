@@ -1,11 +1,14 @@
-"""GPU-time profile of one eager training step of MMfreeLM: where the step's kernels go.
+"""GPU-time profile of one training step of MMfreeLM (eager, or ``--compile``): where its kernels go.
 
 Builds the model of ``--size`` as ``bench_train_model.py`` does (random latent bf16 weights,
 AdamW, batch B x T of random tokens, :func:`mmfree_ext.train.step.train_step`), runs
 ``--warmup`` steps, then records one step under ``torch.profiler`` and sums the device time
 of every kernel by name. Prints the top kernels and the totals per family (ours, cuBLAS /
 cuDNN, generic ``at::native`` elementwise / copy / reduce, the optimizer, other), the glue
-that issue 12 wants gone being the ``at::native`` family. JSON out with ``--json``.
+that issue 12 wants gone being the ``at::native`` family; and the step's wall time beside the
+sum of its kernels (a wall time well above it: the step waits on the host). ``--compile``
+compiles the loss function as ``bench_train_model.py --modes compiled`` does (fullgraph).
+JSON out with ``--json``.
 
     python benchmarks/profile_train_step.py --size 370M --json profile_370m.json
     python benchmarks/profile_train_step.py --device cpu --size tiny --batch 1 --seq 32   # smoke run
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import time
 from collections import defaultdict
 
 import torch
@@ -54,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--compile", action="store_true", help="torch.compile the loss function (fullgraph)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -66,11 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     mb = Batch(ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), None).to(device)
     tokens = args.batch * args.seq
 
+    loss_fn = torch.compile(lm_loss_sum, fullgraph=True) if args.compile else lm_loss_sum
+
     def step() -> None:
-        train_step(model, opt, [mb], tokens, loss_fn=lm_loss_sum)
+        train_step(model, opt, [mb], tokens, loss_fn=loss_fn)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     for _ in range(args.warmup):
         step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        step()
+    sync()
+    wall_ms = 1e3 * (time.perf_counter() - t0) / 3
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -97,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, (us, _) in per_name.items():
         fam_us[family(name)] += us
     rows = sorted(per_name.items(), key=lambda kv: -kv[1][0])
-    head = f"one eager training step, {args.size}, batch {args.batch} x {args.seq}, {dtype}"
-    print(f"{head}: {total / 1e3:.1f} ms of kernels")
+    mode = "compiled" if args.compile else "eager"
+    head = f"one {mode} training step, {args.size}, batch {args.batch} x {args.seq}, {dtype}"
+    print(f"{head}: {total / 1e3:.1f} ms of kernels, {wall_ms:.1f} ms wall (mean of 3 unprofiled steps)")
     print("\n| family | ms | share |\n| --- | ---: | ---: |")
     for fam, us in sorted(fam_us.items(), key=lambda kv: -kv[1]):
         print(f"| {fam} | {us / 1e3:.2f} | {100 * us / max(total, 1e-9):.1f}% |")
@@ -113,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         out = {
             "size": args.size,
+            "mode": mode,
+            "wall_ms": wall_ms,
             "batch": args.batch,
             "seq": args.seq,
             "total_ms": total / 1e3,
