@@ -117,7 +117,9 @@ if has bench; then
                         --json "$LOG/bench_decode.json" ;;
       prefill) TAIL=20 bench 150 prefill python3 benchmarks/bench_model.py --device cuda --configs 2.7B --batch 1 \
                  --prefill 2048 --json "$LOG/bench_model_prefill.json" ;;
-      # NCU_SHAPE may list several M:K:N; each shape's second call is profiled (its first warms up).
+      # NCU_SHAPE may list several M:K:N: launches 2 .. 2n of the kernel are profiled, i.e. the
+      # first shape's timed call, then each later shape's warm-up and timed call (a shape whose
+      # product takes the tail split launches the kernel twice per call: profile it alone).
       ncu_gemm) shapes=(${NCU_SHAPE:-2048:2560:2560})
                 TAIL=${TAIL_NCU:-80} bench 180 ncu_gemm ncu -k regex:gemm_sm90_kernel --launch-skip 1 \
                   --launch-count $((2 * ${#shapes[@]} - 1)) \

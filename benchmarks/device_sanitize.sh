@@ -65,11 +65,11 @@ run memcheck decode      $PYT tests/test_decode_step.py -k "fused and (matches_o
 run racecheck decode     $PYT tests/test_decode_step.py -k "matches_op_by_op and 1-dtype0-cuda-fused"
 run memcheck decode_v4   $PYT tests/test_decode_step.py -k "v4_matches_op_by_op and (tiny-f32 or odd) or v4_cluster_sizes"
 run racecheck decode_v4  $PYT tests/test_decode_step.py -k "v4_matches_op_by_op and tiny-f32"
-# The panels dX buffer of the GLU backward (cuBLAS writes it by TMA, see the header).
 run memcheck ternary_tail $PYT tests/test_ternary_sm90_cuda.py -k "tail_wave_cuda_graph"
 run memcheck quant_rows  $PYT tests/test_quant_rows.py tests/test_bitlinear.py -k "cuda"
 run racecheck quant_rows $PYT tests/test_quant_rows.py -k "cuda and (matches_reference and 13824 or misaligned or nan)"
 run initcheck quant_rows $PYT tests/test_quant_rows.py -k "cuda and (matches_reference or empty)"
+# The panels dX buffer of the GLU backward (cuBLAS writes it by TMA, see the header).
 run initcheck glu        $PYT tests/test_act.py -k "silu_mul_ternary_linear_equals and cuda"
 run memcheck ternary_t  $PYT tests/test_ternary_t_cuda.py -k "exact and (1-5-3 or 7-300 or 15-64 or 200-37) or leading or backward"
 run racecheck ternary_t $PYT tests/test_ternary_t_cuda.py -k "exact and 7-300"

@@ -1,6 +1,7 @@
 // Per-row absmax int8 quantization (SwitchBack-style), the dY operand of BitLinear's opt-in
 // int8 dX: for each row r of g [rows, cols],
-//   s[r] = max_i |g[r, i]| / 127          (IEEE division; 1 for an all-zero row)
+//   s[r] = max_i |g[r, i]| / 127          (IEEE division; 1 where that is 0: an all-zero row,
+//                                          or fp32 subnormals below 127 * 2^-149, coded 0)
 //   q[r, i] = round_half_even(g[r, i] / s[r]) clamped to [-127, 127]
 // A row holding a NaN or an inf gets s = NaN and all codes 0, so everything computed from
 // it is NaN (docs/numerics.md: a non-finite value is never hidden behind a finite scale).

@@ -148,9 +148,10 @@ def quantize_activation(xn: Tensor) -> tuple[Tensor, Tensor]:
 def quantize_rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row absmax int8 quantization of a gradient (the opt-in int8 dX's dY, SwitchBack-style).
 
-    ``s = max|x| / 127`` per row (IEEE fp32 division; 1 for an all-zero row) and
+    ``s = max|x| / 127`` per row (IEEE fp32 division; 1 where that is 0: an all-zero row, or
+    an fp32 row of subnormals below ``127 * 2**-149``, whose codes then round to 0) and
     ``q = round_half_even(x / s)`` clamped to ``[-127, 127]``, so ``q * s`` is within ``s / 2``
-    of ``x``. Unlike :func:`quantize_activation` the range is symmetric and rounding is half to
+    of ``x`` for a normal ``s``. Unlike :func:`quantize_activation` the range is symmetric and rounding is half to
     even. A row holding a NaN or an inf gets codes 0 and ``s`` NaN (docs/numerics.md).
     """
     xf = x.float()
@@ -158,7 +159,8 @@ def quantize_rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     bad = ~torch.isfinite(amax)
     # A tensor divisor: true division on every device (a Python scalar divisor becomes a
     # multiply by its reciprocal on CUDA).
-    s = torch.where(amax > 0, amax / torch.full_like(amax, 127.0), torch.ones_like(amax))
+    s = amax / torch.full_like(amax, 127.0)
+    s = torch.where(s > 0, s, torch.ones_like(s))
     s = torch.where(bad, torch.full_like(amax, float("nan")), s)
     v = torch.round(xf / torch.where(bad, torch.ones_like(s), s).unsqueeze(-1)).clamp(-127, 127)
     q = torch.where(bad.unsqueeze(-1), torch.zeros_like(v), v).to(torch.int8)

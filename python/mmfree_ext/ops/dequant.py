@@ -41,7 +41,8 @@ def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row absmax int8 codes of ``x [..., N]`` (float32, bfloat16 or float16).
 
     Returns ``(q, scale)``: ``q`` int8 of ``x``'s shape, ``scale`` fp32 of shape ``x.shape[:-1]``,
-    with ``scale = max|x| / 127`` per row (1 for an all-zero row) and
+    with ``scale = max|x| / 127`` per row (1 where that is 0: an all-zero row, or fp32
+    subnormals small enough to underflow it) and
     ``q = round_half_even(x / scale)`` in ``[-127, 127]``; a row holding a NaN or an inf gets
     ``scale`` NaN and codes 0. Equal bit for bit to :func:`mmfree_ext.reference.quantize_rows_int8`.
     On CUDA one kernel (one block per row); it is the dY side of ``bitlinear(..., int8_dx=True)``.

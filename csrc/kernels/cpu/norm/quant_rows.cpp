@@ -37,7 +37,8 @@ void quantize_row(const float* g, int64_t cols, int8_t* q, float* scale) {
     std::fill_n(q, cols, int8_t{0});
     return;
   }
-  const float s = amax > 0.f ? amax / 127.0f : 1.0f;
+  const float s0 = amax / 127.0f;  // 0 for a zero row and for subnormal rows below 127 * 2^-149
+  const float s = s0 > 0.f ? s0 : 1.0f;
   *scale = s;
   for (int64_t i = 0; i < cols; ++i) {
     const float r = std::nearbyint(g[i] / s);  // round half to even (the default rounding mode)

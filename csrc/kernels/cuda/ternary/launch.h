@@ -111,7 +111,10 @@ int sm90_split_override();
 // kSm90TailMinSavedKtiles: the second launch, its pipeline fills and the reduction cost
 // about 15 k-tiles of one tile's time (H200, session 6: at 20 k-tiles, 4 ways, M = 2048
 // 2560->2560 ran 47.8 us with it and 48.0 without; at 54, 6912->2560, 78.9 against 93.1).
-// MMFREE_TERNARY_SM90_TAIL=off turns it off (benchmarks compare the two).
+// MMFREE_TERNARY_SM90_TAIL=off turns it off (benchmarks compare the two); so does
+// MMFREE_TERNARY_SM90_SPLITK=off (no split instance at all), and a forced count splits every
+// tile instead. Not checked yet: whether 3- and 4-CTA clusters of the tail always fit one wave
+// (clusters must sit in one GPC; cudaOccupancyMaxActiveClusters would say).
 constexpr int kSm90TailMaxSplits = 4;
 constexpr int kSm90TailMinSavedKtiles = 24;
 int sm90_tail_splits(int64_t tiles, int64_t ktiles, int sms);
