@@ -28,9 +28,13 @@ def _inputs(m: int, k: int, n: int, dtype: torch.dtype, device: str = "cpu"):
     return x, w, g
 
 
-def _quantize_rows(dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row absmax int8, as the op does: s = max|dy| / 127 (1 for a zero row), q = round(dy / s)."""
-    return reference.quantize_rows_int8(dy)
+def _int8_dx_case(m: int, k: int, n: int, dtype: torch.dtype, device: str):
+    """Inputs, a dY, and the saved tensors of a forward with W_q^T packed (the int8 dX needs it):
+    (x, w, g, dy, saved) with bitlinear_backward(dy, *saved, int8_dx)."""
+    x, w, g = _inputs(m, k, n, dtype, device)
+    dy = torch.randn(m, n, device=device).to(dtype)
+    _, packed, w_scale, x_q, x_scale, packed_t = torch.ops.mmfree.bitlinear_forward(x, w, g, EPS, True)
+    return x, w, g, dy, (x, x_q, x_scale, packed, w_scale, packed_t, g, EPS, w.dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -85,18 +89,14 @@ def test_autograd_matches_ternary_linear(device: str) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_dx_is_the_exact_backward_of_the_quantized_dy(device: str, dtype: torch.dtype) -> None:
-    m, k, n = 40, 260, 150
-    x, w, g = _inputs(m, k, n, dtype, device)
-    dy = torch.randn(m, n, device=device).to(dtype)
+    x, w, g, dy, args = _int8_dx_case(40, 260, 150, dtype, device)
     dy[3] = 0  # an all-zero row
-    _, packed, w_scale, x_q, x_scale, packed_t = torch.ops.mmfree.bitlinear_forward(x, w, g, EPS, True)
-    args = (x, x_q, x_scale, packed, w_scale, packed_t, g, EPS, w.dtype)
     dx8, dw8, dg8 = torch.ops.mmfree.bitlinear_backward(dy, *args, True)
     dx, dw, _ = torch.ops.mmfree.bitlinear_backward(dy, *args, False)
     assert torch.equal(dw8, dw)  # dW does not use the quantized dY
     assert dx8.dtype == dtype and dg8.dtype == dtype
     # The exact backward, run in fp32 on the dequantized dY, is what the int8 path computes.
-    q, s = _quantize_rows(dy)
+    q, s = reference.quantize_rows_int8(dy)
     dy_deq = q.float() * s.unsqueeze(-1)
     x32, g32 = x.float(), g.float()
     _, p32, ws32, xq32, xs32, pt32 = torch.ops.mmfree.bitlinear_forward(x32, w.float(), g32, EPS)
@@ -116,13 +116,9 @@ def test_int8_dx_is_the_exact_backward_of_the_quantized_dy(device: str, dtype: t
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_dx_is_its_three_ops_bit_for_bit(device: str, dtype: torch.dtype) -> None:
     """int8 dX = rms_norm_backward(ternary_matmul(quantize_rows_int8(dY), W_q^T)), nothing else."""
-    m, k, n = 48, 320, 264
-    x, w, g = _inputs(m, k, n, dtype, device)
-    dy = torch.randn(m, n, device=device).to(dtype)
-    _, packed, w_scale, x_q, x_scale, packed_t = torch.ops.mmfree.bitlinear_forward(x, w, g, EPS, True)
-    dx8, _, dg8 = torch.ops.mmfree.bitlinear_backward(
-        dy, x, x_q, x_scale, packed, w_scale, packed_t, g, EPS, w.dtype, True
-    )
+    x, _, g, dy, args = _int8_dx_case(48, 320, 264, dtype, device)
+    dx8, _, dg8 = torch.ops.mmfree.bitlinear_backward(dy, *args, True)
+    packed_t, w_scale = args[5], args[4]
     q, s = torch.ops.mmfree.quantize_rows_int8(dy)
     dxn = torch.ops.mmfree.ternary_matmul(q, s, packed_t, w_scale, dtype)
     want_dx, want_dg = torch.ops.mmfree.rms_norm_backward(dxn, x, g, EPS, None, None)
@@ -139,7 +135,7 @@ def test_int8_dx_product_within_rounding_bound(device: str, m: int, k: int, n: i
     packed, w_scale = torch.ops.mmfree.quantize_ternary(w)
     x = torch.randn(m, k, device=device)
     packed_t = torch.ops.mmfree.bitlinear_forward(x, w, g, EPS, True)[5]
-    q, s = _quantize_rows(dy)
+    q, s = reference.quantize_rows_int8(dy)
     approx = torch.ops.mmfree.ternary_matmul(q, s, packed_t, w_scale, torch.float32)
     exact = torch.ops.mmfree.ternary_matmul_t(dy, packed, w_scale, k)
     w_abs = torch.ops.mmfree.unpack_ternary(packed, k).abs().float()  # [N, K]
@@ -241,7 +237,7 @@ def test_cuda_int8_dx_equals_cpu(monkeypatch: pytest.MonkeyPatch, gemm: str, m: 
     outs = {}
     # mean|W| is summed in another order on each device, so w_scale may differ by an ulp: the
     # product is compared on the same int8 dY and the same scales (the CPU's), exactly.
-    q, s = _quantize_rows(dy)
+    q, s = reference.quantize_rows_int8(dy)
     w_scale = torch.ops.mmfree.bitlinear_forward(x, w, g, EPS, True)[2]
     for dev in ("cpu", "cuda"):
         xd, wd, gd, dyd = (t.to(dev) for t in (x, w, g, dy))
