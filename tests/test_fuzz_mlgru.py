@@ -47,7 +47,18 @@ def scan_case(draw: st.DrawFn, kinds: list[str] = SCAN_KINDS) -> dict:
         "cu_dtype": draw(st.sampled_from([torch.int32, torch.int64])),
         "layout": draw(st.sampled_from(LAYOUTS)),
         "seed": draw(st.integers(0, 2**31 - 1)),
+        # CUDA algorithm: auto (v2 at these sizes) or the forced v4 lanes kernels (the CPU ignores it).
+        "path": draw(st.sampled_from([0, 3])),
     }
+
+
+def _scan(c: dict):
+    """mlgru_scan with the case's CUDA path forced (autograd keeps it for the backward)."""
+    if c["path"] == 0:
+        return mmfree_ext.mlgru_scan
+    return lambda i, f, lb=None, h0=None, mask=None, cu=None: torch.ops.mmfree.mlgru_scan_impl(
+        i, f, lb, h0, mask, cu, c["path"]
+    )
 
 
 def _scan_inputs(c: dict, device: str):
@@ -77,7 +88,7 @@ def test_fuzz_mlgru_scan(device: str, c: dict) -> None:
     if is_strided(i):
         expect_error(lambda: mmfree_ext.mlgru_scan(i, f, lb, h0, mask, cu), ["i"])
         return
-    h, h_last = mmfree_ext.mlgru_scan(i, f, lb, h0, mask, cu)
+    h, h_last = _scan(c)(i, f, lb, h0, mask, cu)
     n_seq = len(c["cu"]) - 1 if c["cu"] is not None else c["b"]
     assert h.shape == i.shape and h.dtype == i.dtype and h_last.shape == (n_seq, c["d"])
     args = [a.cpu() if a is not None else None for a in (i, f, lb, h0, mask, cu)]
@@ -124,7 +135,7 @@ def test_fuzz_mlgru_scan_backward(device: str, c: dict) -> None:
             [p[0] for p in pairs], leaves, [p[1] for p in pairs], allow_unused=True, materialize_grads=True
         )
 
-    h, h_last = call(mmfree_ext.mlgru_scan, ours, lambda t: t)
+    h, h_last = call(_scan(c), ours, lambda t: t)
     g_ours = grads([h, h_last], [dh.to(i.device), dl.to(h_last.dtype).to(i.device)], ours)
     truth = [t.detach().cpu().double().requires_grad_(True) for t in diff]
     g_truth = grads(call(scan64, truth, lambda t: t.cpu()), [dh.double(), dl], truth)

@@ -10,7 +10,7 @@ from conftest import DEVICES
 from mmfree_ext import reference as ref
 
 F32_EPS = torch.finfo(torch.float32).eps
-SEQUENTIAL, CHUNKED = 1, 2
+SEQUENTIAL, CHUNKED, LANES = 1, 2, 3
 
 
 # ---- float64 ground truth (differentiable) -------------------------------------------------
@@ -347,26 +347,24 @@ def test_cpu_isa_paths_agree(isa: str) -> None:
 def test_cuda_paths_agree(dtype: torch.dtype, shape: tuple) -> None:
     b, t, d = shape
     i, f, lb, h0, mask = make_inputs(b, t, d, dtype, "cuda", lb=True, h0=True, mask=True)
-    outs = [torch.ops.mmfree.mlgru_scan_impl(i, f, lb, h0, mask, None, p) for p in (SEQUENTIAL, CHUNKED)]
+    outs = [torch.ops.mmfree.mlgru_scan_impl(i, f, lb, h0, mask, None, p) for p in (SEQUENTIAL, CHUNKED, LANES)]
     args = [x.cpu() for x in (i, f, lb, h0, mask)]
     rh, rhl = ref.mlgru_scan(*args)
     for h, h_last in outs:
         torch.testing.assert_close(h.float().cpu(), rh.float(), **_tol(dtype))
         torch.testing.assert_close(h_last.cpu(), rhl, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-5)
+    for other in outs[1:]:
+        torch.testing.assert_close(outs[0][1], other[1], rtol=1e-5, atol=1e-5)
     gh, ghl = torch.randn_like(i), torch.randn(b, d, device="cuda")
-    g_seq = torch.ops.mmfree.mlgru_scan_backward(gh, ghl, i, f, lb, h0, mask, None, SEQUENTIAL)
-    g_chk = torch.ops.mmfree.mlgru_scan_backward(gh, ghl, i, f, lb, h0, mask, None, CHUNKED)
     g_cpu = torch.ops.mmfree.mlgru_scan_backward(gh.cpu(), ghl.cpu(), *args, None)
-    for a, c, g in zip(g_seq, g_chk, g_cpu, strict=True):
-        assert not a.isnan().any() and not c.isnan().any()
-        scale = max(1.0, g.abs().max().item())
-        torch.testing.assert_close(
-            a.float().cpu(), g.float(), rtol=_tol(dtype)["rtol"], atol=_tol(dtype)["atol"] * scale
-        )
-        torch.testing.assert_close(
-            c.float().cpu(), g.float(), rtol=_tol(dtype)["rtol"], atol=_tol(dtype)["atol"] * scale
-        )
+    for path in (SEQUENTIAL, CHUNKED, LANES):
+        ours = torch.ops.mmfree.mlgru_scan_backward(gh, ghl, i, f, lb, h0, mask, None, path)
+        for a, g in zip(ours, g_cpu, strict=True):
+            assert not a.isnan().any(), path
+            scale = max(1.0, g.abs().max().item())
+            torch.testing.assert_close(
+                a.float().cpu(), g.float(), rtol=_tol(dtype)["rtol"], atol=_tol(dtype)["atol"] * scale
+            )
 
 
 def _tol(dtype: torch.dtype) -> dict:
@@ -391,13 +389,15 @@ def test_cuda_multi_tile_forward_matches_reference(dtype: torch.dtype, shape: tu
     for lb_on in (True, False):
         i, f, lb, h0, mask = make_inputs(b, t, d, dtype, "cuda", lb=lb_on, h0=lb_on, mask=lb_on)
         h, h_last = mmfree_ext.mlgru_scan(i, f, lb, h0, mask)
-        h2, h_last2 = torch.ops.mmfree.mlgru_scan_impl(i, f, lb, h0, mask, None, CHUNKED)
         args = [x.cpu() if x is not None else None for x in (i, f, lb, h0, mask)]
         rh, rhl = ref.mlgru_scan(*args)
         torch.testing.assert_close(h.float().cpu(), rh.float(), **_tol(dtype))
         torch.testing.assert_close(h_last.cpu(), rhl, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(h.float(), h2.float(), **_tol(dtype))
-        torch.testing.assert_close(h_last, h_last2, rtol=1e-5, atol=1e-5)
+        for path in (CHUNKED, LANES):
+            h2, h_last2 = torch.ops.mmfree.mlgru_scan_impl(i, f, lb, h0, mask, None, path)
+            torch.testing.assert_close(h2.float().cpu(), rh.float(), **_tol(dtype))
+            torch.testing.assert_close(h.float(), h2.float(), **_tol(dtype))
+            torch.testing.assert_close(h_last, h_last2, rtol=1e-5, atol=1e-5)
         again, _ = mmfree_ext.mlgru_scan(i, f, lb, h0, mask)
         assert torch.equal(h, again)
 
@@ -419,25 +419,27 @@ CHUNKED_BWD_SHAPES = [(3, 1, 7), (2, 31, 2), (2, 33, 33), (1, 97, 64), (5, 64, 1
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("path", [CHUNKED, LANES], ids=["chunked", "lanes"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", CHUNKED_BWD_SHAPES, ids=lambda s: "B{}T{}D{}".format(*s))
-def test_cuda_chunked_backward_matches_cpu(dtype: torch.dtype, shape: tuple) -> None:
+def test_cuda_chunked_backward_matches_cpu(dtype: torch.dtype, shape: tuple, path: int) -> None:
     b, t, d = shape
     i, f, lb, h0, mask = make_inputs(b, t, d, dtype, "cuda", lb=True, h0=True, mask=True)
     gh, ghl = torch.randn_like(i), torch.randn(b, d, device="cuda")
-    ours = torch.ops.mmfree.mlgru_scan_backward(gh, ghl, i, f, lb, h0, mask, None, CHUNKED)
+    ours = torch.ops.mmfree.mlgru_scan_backward(gh, ghl, i, f, lb, h0, mask, None, path)
     args = [x.cpu() for x in (i, f, lb, h0, mask)]
     base = torch.ops.mmfree.mlgru_scan_backward(gh.cpu(), ghl.cpu(), *args, None)
     _assert_grads_close(ours, base, dtype)
     # Without lower bound, h0 and mask (layer 0): the null-pointer paths.
-    ours = torch.ops.mmfree.mlgru_scan_backward(gh, ghl, i, f, None, None, None, None, CHUNKED)
+    ours = torch.ops.mmfree.mlgru_scan_backward(gh, ghl, i, f, None, None, None, None, path)
     base = torch.ops.mmfree.mlgru_scan_backward(gh.cpu(), ghl.cpu(), args[0], args[1], None, None, None, None)
     _assert_grads_close(ours, base, dtype)
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("path", [CHUNKED, LANES], ids=["chunked", "lanes"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_chunked_backward_varlen(dtype: torch.dtype) -> None:
+def test_cuda_chunked_backward_varlen(dtype: torch.dtype, path: int) -> None:
     # Empty sequences, one token, chunk tails and multiples, sequences not starting on a chunk.
     lens = [0, 1, 31, 32, 33, 0, 100, 64, 5]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
@@ -448,12 +450,16 @@ def test_cuda_chunked_backward_varlen(dtype: torch.dtype) -> None:
     gh, ghl = torch.randn_like(i), torch.randn(len(lens), d, device="cuda")
     for index_dtype in (torch.int32, torch.int64):
         cu_dev = cu.to("cuda", index_dtype)
-        ours = torch.ops.mmfree.mlgru_scan_backward(gh, ghl, i, f, lb, h0, mask, cu_dev, CHUNKED)
+        ours = torch.ops.mmfree.mlgru_scan_backward(gh, ghl, i, f, lb, h0, mask, cu_dev, path)
         args = [x.cpu() for x in (i, f, lb, h0, mask)]
         base = torch.ops.mmfree.mlgru_scan_backward(gh.cpu(), ghl.cpu(), *args, cu)
         _assert_grads_close(ours, base, dtype)
         # An empty sequence's dL/dh0 is its dL/dh_last.
         assert torch.equal(ours[3][0], ghl[0]) and torch.equal(ours[3][5], ghl[5])
+        h, h_last = torch.ops.mmfree.mlgru_scan_impl(i, f, lb, h0, mask, cu_dev, path)
+        rh, rhl = ref.mlgru_scan(*args, cu)
+        torch.testing.assert_close(h.float().cpu(), rh.float(), **_tol(dtype))
+        torch.testing.assert_close(h_last.cpu(), rhl, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.cuda
@@ -471,6 +477,53 @@ def test_cuda_chunked_backward_deterministic_and_matches_auto() -> None:
 
 
 @pytest.mark.cuda
+def test_cuda_lanes_deterministic_and_auto_takes_them_at_training_shapes() -> None:
+    # B=4, T=512, D=2560 (a training batch): the auto backward runs the lanes kernels, so it is
+    # bitwise the forced path; the lanes backward twice is bitwise equal (fixed-order dL/dlb).
+    # The auto forward is v2's chunked kernel (the lanes forward runs only when forced).
+    i, f, lb, h0, mask = make_inputs(4, 512, 2560, torch.bfloat16, "cuda", lb=True, h0=True, mask=True)
+    gh, ghl = torch.randn_like(i), torch.randn(4, 2560, device="cuda")
+    auto = torch.ops.mmfree.mlgru_scan_impl(i, f, lb, h0, mask, None, 0)
+    chunked = torch.ops.mmfree.mlgru_scan_impl(i, f, lb, h0, mask, None, CHUNKED)
+    lanes = torch.ops.mmfree.mlgru_scan_impl(i, f, lb, h0, mask, None, LANES)
+    for a, b_, c in zip(auto, chunked, lanes, strict=True):
+        assert torch.equal(a, b_)
+        torch.testing.assert_close(a.float(), c.float(), **_tol(torch.bfloat16))
+    first = torch.ops.mmfree.mlgru_scan_backward(gh, ghl, i, f, lb, h0, mask, None, LANES)
+    again = torch.ops.mmfree.mlgru_scan_backward(gh, ghl, i, f, lb, h0, mask, None, LANES)
+    auto_g = torch.ops.mmfree.mlgru_scan_backward(gh, ghl, i, f, lb, h0, mask, None)
+    for a, b_, c in zip(first, again, auto_g, strict=True):
+        assert torch.equal(a, b_) and torch.equal(a, c)
+    # Against v2's chunked kernels at the same shape (an independent algorithm).
+    v2 = torch.ops.mmfree.mlgru_scan_backward(gh, ghl, i, f, lb, h0, mask, None, CHUNKED)
+    _assert_grads_close(first, tuple(x.cpu() for x in v2), torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("f_value", [30.0, -30.0, -100.0])
+def test_cuda_lanes_long_sequence_saturated_gates(f_value: float) -> None:
+    """The lanes kernels over T = 65536 (512 tiles) with saturated forget gates: the same
+    h_last as v2's sequential path, and finite gradients."""
+    t, d = 65536, 16
+    i = torch.linspace(-4, 4, d, device="cuda").expand(1, t, d).contiguous()
+    f = torch.full((1, t, d), f_value, device="cuda")
+    lb = torch.linspace(0, 0.5, d, device="cuda")
+    h0 = torch.full((1, d), 3.0, device="cuda")
+    h, h_last = torch.ops.mmfree.mlgru_scan_impl(i, f, lb, h0, None, None, LANES)
+    _, seq_last = torch.ops.mmfree.mlgru_scan_impl(i, f, lb, h0, None, None, SEQUENTIAL)
+    assert torch.isfinite(h).all()
+    # Two summation orders of an fp32 state over T steps: up to T * eps / 2 relative apart.
+    torch.testing.assert_close(h_last, seq_last, rtol=t * F32_EPS / 2, atol=1e-5)
+    gh, ghl = torch.randn_like(i), torch.randn(1, d, device="cuda")
+    grads = torch.ops.mmfree.mlgru_scan_backward(gh, ghl, i, f, lb, h0, None, None, LANES)
+    seq = torch.ops.mmfree.mlgru_scan_backward(gh, ghl, i, f, lb, h0, None, None, SEQUENTIAL)
+    for a, b_ in zip(grads, seq, strict=True):
+        assert torch.isfinite(a).all()
+        scale = max(1.0, b_.abs().max().item())
+        torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.cuda
 def test_cuda_chunked_backward_unaligned_views() -> None:
     # 2-byte offsets: the 2-channel (4-byte) accesses are not allowed, the 1-channel path runs.
     t, d = 70, 64
@@ -480,7 +533,7 @@ def test_cuda_chunked_backward_unaligned_views() -> None:
     gh = storage[1 + 2 * t * d :].view(1, t, d)
     ghl = torch.randn(1, d, device="cuda")
     base = torch.ops.mmfree.mlgru_scan_backward(gh.cpu(), ghl.cpu(), i.cpu(), f.cpu(), None, None, None, None)
-    for path in (CHUNKED, SEQUENTIAL):
+    for path in (CHUNKED, SEQUENTIAL, LANES):
         ours = torch.ops.mmfree.mlgru_scan_backward(gh, ghl, i, f, None, None, None, None, path)
         _assert_grads_close(ours, base, torch.bfloat16)
 

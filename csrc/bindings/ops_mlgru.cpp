@@ -17,8 +17,8 @@ struct ScanArgs {
 };
 
 MlgruPath to_path(int64_t path) {
-  MMFREE_CHECK(path >= 0 && path <= 2, "mmfree: argument 'path' must be 0 (auto), 1 (sequential) or 2 (chunked), got ",
-              path);
+  MMFREE_CHECK(path >= 0 && path <= 3,
+               "mmfree: argument 'path' must be 0 (auto), 1 (sequential), 2 (chunked) or 3 (lanes), got ", path);
   return static_cast<MlgruPath>(path);
 }
 

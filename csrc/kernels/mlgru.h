@@ -22,9 +22,12 @@ namespace mmfree {
 
 // Which CUDA algorithm to run (tests force one; the CPU ignores it).
 enum class MlgruPath : int {
-  kAuto = 0,        // chunked when the sequences x channels cannot fill the GPU
-  kSequential = 1,  // one thread per (sequence, channel vector), scanning all of T
-  kChunked = 2,     // local scans of kMlgruChunk tokens, a carry scan over chunks, a rescan
+  kAuto = 0,        // backward: lanes for long sequences that fill the GPU; else (and the
+                    // forward) v2's sequential or chunked
+  kSequential = 1,  // v2: one thread per (sequence, channel vector), scanning all of T
+  kChunked = 2,     // v2: time-lanes of one sequence across a CTA, scanned per token
+  kLanes = 3,       // v4: lanes of consecutive tokens per thread, one 32-bit word of a row each
+                    // (where the layout allows 32-bit accesses; else as kAuto)
 };
 
 // Which CUDA kernel generation runs (the CPU ignores it). Kept selectable so one benchmark

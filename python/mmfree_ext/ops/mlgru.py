@@ -6,7 +6,7 @@ The op takes the raw ``i`` and ``f`` projections and computes, with an fp32 stat
 ``torch.autograd.gradcheck`` works; then ``lower_bound``, ``h0`` and ``h_last`` are float64 too.
 
 Internal: ``torch.ops.mmfree.mlgru_scan_impl(..., path)`` is the same op with the CUDA
-algorithm forced (0 auto, 1 sequential, 2 chunked; the CPU ignores it), for tests and
+algorithm forced (0 auto, 1 sequential, 2 chunked, 3 lanes; the CPU ignores it), for tests and
 benchmarks; ``mlgru_scan_backward(..., path)`` likewise.
 
 Backward design: nothing but the inputs is saved. The reverse scan needs ``h_{t-1}``; the
@@ -24,7 +24,7 @@ import torch
 
 __all__ = ["mlgru_scan"]
 
-PATH_AUTO, PATH_SEQUENTIAL, PATH_CHUNKED = 0, 1, 2
+PATH_AUTO, PATH_SEQUENTIAL, PATH_CHUNKED, PATH_LANES = 0, 1, 2, 3
 
 
 def mlgru_scan(

@@ -32,18 +32,26 @@ __device__ __forceinline__ void sigmoid2(float y, float& sg, float& one_minus_sg
   one_minus_sg = e * sg;
 }
 
-// sigmoid of the input gate: sigmoid2, except that past the exponent cap sigmoid(x) keeps
-// shrinking (divided by what lies past the cap), so that silu(-1e30) = -0 and silu(-inf) =
-// -inf * 0 = NaN as in the reference and the CPU kernels (not -3e-9 and -inf). Nothing
-// changes for x >= -88.
+// sigmoid of the input gate: sigmoid2, except past the exponent cap, so that silu(-1e30) = -0
+// and silu(-inf) = -inf * 0 = NaN as in the reference and the CPU kernels (not -3e-9 and
+// -inf). Nothing changes for x >= -88. For 16-bit inputs sigmoid(x < -88) < 6e-39 is below
+// every normal bf16/fp16 value, so it is flushed to 0 (a select; an IEEE division here was one
+// of the costliest steps of the gate); fp32 keeps shrinking it past the cap (divided by what
+// lies past it).
 template <bool kFast>
 __device__ __forceinline__ void input_sigmoid2(float x, float& s, float& one_minus_s) {
   float a = -x;
   a = a > 88.0f ? 88.0f : a;
   const float e = exp_<kFast>(a);
   s = recip_1p<kFast>(e);
-  if (x < -88.0f) s = s / (1.0f + (-88.0f - x));
-  one_minus_s = e * s;
+  if constexpr (kFast) {
+    const bool past = x < -88.0f;
+    s = past ? 0.0f : s;
+    one_minus_s = past ? 1.0f : e * s;
+  } else {
+    if (x < -88.0f) s = s / (1.0f + (-88.0f - x));
+    one_minus_s = e * s;
+  }
 }
 
 // Gates of one token for V channels: f_t and c_t (c = 0 where masked or out of range).
@@ -60,6 +68,30 @@ __device__ __forceinline__ void gate_token(const float (&xi)[V], const float (&x
     const float cc = xi[k] * si * (omlb[k] * omsg);
     ft[k] = in_range ? f_t : 1.0f;
     c[k] = (in_range && valid) ? cc : 0.0f;
+  }
+}
+
+// Backward of one token for V channels, walking time in reverse: from dL/dh_t (gh) and the
+// flow e from h_{t+1}, writes dL/di and dL/df, adds into dL/dlb, and leaves in e the flow
+// into h_{t-1}. hp = h_{t-1}, ft = f_t (1 past the range end, where nothing is added).
+template <bool kFast, int V>
+__device__ __forceinline__ void token_backward(const float (&xi)[V], const float (&xf)[V], const float (&gh)[V],
+                                               const float (&hp)[V], const float (&ft)[V], const float (&omlb)[V],
+                                               bool valid, bool in_range, float (&e)[V], float (&dlb)[V],
+                                               float (&di)[V], float (&df)[V]) {
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    float sg, omsg, si, omsi;
+    sigmoid2<kFast>(xf[k], sg, omsg);
+    input_sigmoid2<kFast>(xi[k], si, omsi);
+    const float delta = gh[k] + e[k];
+    const float silu = valid ? xi[k] * si : 0.0f;
+    const float dsilu = si * (1.0f + xi[k] * omsi);
+    di[k] = valid ? delta * (omlb[k] * omsg) * dsilu : 0.0f;
+    const float dft = delta * (hp[k] - silu);
+    df[k] = dft * omlb[k] * (sg * omsg);
+    dlb[k] += in_range ? dft * omsg : 0.0f;
+    e[k] = ft[k] * delta;
   }
 }
 

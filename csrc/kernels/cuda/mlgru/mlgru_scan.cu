@@ -16,12 +16,14 @@
 // the reverse recurrence delta_t = grad_h_t + f_{t+1} delta_{t+1} as a suffix scan of affine
 // maps across the time-lanes. dL/dlb is reduced per CTA in a fixed order, then over
 // sequences in order by a second kernel: no atomics, deterministic.
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 
 #include "cuda/common.cuh"
 #include "cuda/mlgru/mlgru_gate.cuh"
+#include "cuda/mlgru/mlgru_lanes.cuh"
 #include "cuda/mlgru/mlgru_seqs.cuh"
 #include "mlgru.h"
 
@@ -42,12 +44,6 @@ template <class T, int V>
 struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
-
-// Where the checkpoint of tile j of a sequence starting at token `begin` lives: slot
-// floor(begin/tile) + s + j is unique over all (s, j) (see mlgru_bwd_workspace_floats).
-__device__ __forceinline__ int64_t checkpoint_slot(int64_t begin, int64_t s, int64_t j, int64_t tile) {
-  return begin / tile + s + j;
-}
 
 template <class T, int V>
 __device__ __forceinline__ void load_pack(const void* base, int64_t off, float (&out)[V]) {
@@ -167,30 +163,6 @@ __device__ __forceinline__ void block_scan(const Layout& L, float* smem, float (
 #pragma unroll
   for (int k = 0; k < V; ++k) carry[k] = x[k];
   __syncthreads();
-}
-
-// Backward of one token for V channels, walking time in reverse: from dL/dh_t (gh) and the
-// flow e from h_{t+1}, writes dL/di and dL/df, adds into dL/dlb, and leaves in e the flow
-// into h_{t-1}. hp = h_{t-1}, ft = f_t (1 past the range end, where nothing is added).
-template <bool kFast, int V>
-__device__ __forceinline__ void token_backward(const float (&xi)[V], const float (&xf)[V], const float (&gh)[V],
-                                               const float (&hp)[V], const float (&ft)[V], const float (&omlb)[V],
-                                               bool valid, bool in_range, float (&e)[V], float (&dlb)[V],
-                                               float (&di)[V], float (&df)[V]) {
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    float sg, omsg, si, omsi;
-    sigmoid2<kFast>(xf[k], sg, omsg);
-    input_sigmoid2<kFast>(xi[k], si, omsi);
-    const float delta = gh[k] + e[k];
-    const float silu = valid ? xi[k] * si : 0.0f;
-    const float dsilu = si * (1.0f + xi[k] * omsi);
-    di[k] = valid ? delta * (omlb[k] * omsg) * dsilu : 0.0f;
-    const float dft = delta * (hp[k] - silu);
-    df[k] = dft * omlb[k] * (sg * omsg);
-    dlb[k] += in_range ? dft * omsg : 0.0f;
-    e[k] = ft[k] * delta;
-  }
 }
 
 // End of a backward block: dL/dh0 = the flow out of the first token (time-lane 0 writes
@@ -731,6 +703,7 @@ int64_t checkpoint_slots(const MlgruSeqs& q, int64_t tile) { return q.tokens / t
 // the workspace size and the launcher's layout of it must agree.
 int64_t bwd_checkpoint_slots(const MlgruSeqs& q, DType dtype, MlgruPath path) {
   int64_t slots = checkpoint_slots(q, launch_config(q, dtype, path, false, 8).tile);
+  slots = std::max(slots, checkpoint_slots(q, static_cast<int64_t>(kLanesSmallK) * kLanesTokens));  // v4's smallest tile
   for (MlgruVariant v : {MlgruVariant::kBest, MlgruVariant::kV1, MlgruVariant::kV2U4}) {
     const int64_t n = checkpoint_slots(q, bwd_config(q, dtype, path, true, v).tile);
     slots = n > slots ? n : slots;
@@ -800,6 +773,99 @@ cudaError_t bwd_typed(const MlgruScanBwdParams& p, const Config& c, const Kernel
   return cudaGetLastError();
 }
 
+// ---- v4 lanes (mlgru_lanes.cuh) ----------------------------------------------------------
+
+struct LanesConfig {
+  bool use = false;
+  int K = 0;  // lanes per CTA (CTA = K * kLanesWords threads)
+  int blocks_per_seq = 0;
+};
+
+bool aligned4(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 3u) == 0; }
+
+// kAuto takes the lanes kernels for sequences of >= 64 tokens when the (sequence, 8-word band)
+// blocks give the GPU at least 8 warps per SM; kLanes takes them whenever the layout allows
+// 32-bit accesses (D a multiple of the channels per word, 4-byte aligned tensors).
+LanesConfig lanes_config(const MlgruSeqs& q, DType dtype, MlgruPath path, bool words_ok) {
+  LanesConfig c;
+  if (!words_ok || path == MlgruPath::kSequential || path == MlgruPath::kChunked) return c;
+  const int ch = 4 / dtype_size(dtype);
+  const int64_t words = q.dim / ch;
+  const int64_t bands = (words + kLanesWords - 1) / kLanesWords;
+  const int64_t avg_len = q.num_seqs > 0 ? q.tokens / q.num_seqs : 0;
+  const int64_t blocks = q.num_seqs * bands;
+  c.K = (blocks < 2LL * sm_count() && avg_len >= 32LL * kLanesTokens) ? kLanesLargeK : kLanesSmallK;
+  if (path == MlgruPath::kAuto) {
+    if (avg_len < 64) return c;
+    if (blocks * c.K * kLanesWords < 256LL * sm_count()) return c;
+  }
+  c.use = bands <= 0x7fffffffLL;
+  c.blocks_per_seq = static_cast<int>(bands);
+  return c;
+}
+
+bool words_ok_fwd(const MlgruScanParams& p) {
+  const int ch = 4 / dtype_size(p.dtype);
+  return p.seqs.dim % ch == 0 && aligned4(p.i) && aligned4(p.f) && (p.h == nullptr || aligned4(p.h));
+}
+
+bool words_ok_bwd(const MlgruScanBwdParams& p) {
+  const int ch = 4 / dtype_size(p.dtype);
+  return p.seqs.dim % ch == 0 && aligned4(p.i) && aligned4(p.f) && aligned4(p.grad_h) && aligned4(p.grad_i) &&
+         aligned4(p.grad_f);
+}
+
+template <class T, bool kCk>
+cudaError_t launch_lanes_fwd(const MlgruScanParams& p, const LanesConfig& c, const LanesArgs& a, cudaStream_t stream) {
+  const int64_t blocks = p.seqs.num_seqs * c.blocks_per_seq;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  const unsigned grid = static_cast<unsigned>(blocks);
+  if (c.K == kLanesLargeK) {
+    mlgru_fwd_lanes_kernel<T, kLanesLargeK, kCk><<<grid, kLanesLargeK * kLanesWords, 0, stream>>>(p, a);
+  } else {
+    mlgru_fwd_lanes_kernel<T, kLanesSmallK, kCk><<<grid, kLanesSmallK * kLanesWords, 0, stream>>>(p, a);
+  }
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_lanes_bwd(const MlgruScanBwdParams& p, const LanesConfig& c, const LanesArgs& a,
+                             cudaStream_t stream) {
+  const int64_t blocks = p.seqs.num_seqs * c.blocks_per_seq;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  const unsigned grid = static_cast<unsigned>(blocks);
+  if (c.K == kLanesLargeK) {
+    mlgru_bwd_lanes_kernel<T, kLanesLargeK><<<grid, kLanesLargeK * kLanesWords, 0, stream>>>(p, a);
+  } else {
+    mlgru_bwd_lanes_kernel<T, kLanesSmallK><<<grid, kLanesSmallK * kLanesWords, 0, stream>>>(p, a);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t lanes_fwd_dispatch(const MlgruScanParams& p, const LanesConfig& c, const LanesArgs& a, bool checkpoints,
+                               cudaStream_t stream) {
+  switch (p.dtype) {
+    case DType::kFloat32:
+      return checkpoints ? launch_lanes_fwd<float, true>(p, c, a, stream) : launch_lanes_fwd<float, false>(p, c, a, stream);
+    case DType::kBFloat16:
+      return checkpoints ? launch_lanes_fwd<__nv_bfloat16, true>(p, c, a, stream)
+                         : launch_lanes_fwd<__nv_bfloat16, false>(p, c, a, stream);
+    case DType::kFloat16:
+      return checkpoints ? launch_lanes_fwd<__half, true>(p, c, a, stream) : launch_lanes_fwd<__half, false>(p, c, a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t lanes_bwd_dispatch(const MlgruScanBwdParams& p, const LanesConfig& c, const LanesArgs& a,
+                               cudaStream_t stream) {
+  switch (p.dtype) {
+    case DType::kFloat32: return launch_lanes_bwd<float>(p, c, a, stream);
+    case DType::kBFloat16: return launch_lanes_bwd<__nv_bfloat16>(p, c, a, stream);
+    case DType::kFloat16: return launch_lanes_bwd<__half>(p, c, a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace
 
 int64_t mlgru_workspace_floats(const MlgruSeqs&, DType, MlgruPath) { return 0; }
@@ -811,6 +877,13 @@ int64_t mlgru_bwd_workspace_floats(const MlgruSeqs& q, DType dtype, MlgruPath pa
 
 cudaError_t mlgru_scan(const MlgruScanParams& p, cudaStream_t stream) {
   if (p.seqs.num_seqs == 0 || p.seqs.dim == 0) return cudaSuccess;
+  // The lanes forward (with stores) runs only when forced: on the H200 it measured 78-96 us at
+  // B=4 T=2048 D=2560 against v2's 79-88 (NOTES "v4 lanes"); its checkpoint mode serves the
+  // lanes backward.
+  if (p.variant == MlgruVariant::kBest && p.path == MlgruPath::kLanes) {
+    const LanesConfig lc = lanes_config(p.seqs, p.dtype, p.path, words_ok_fwd(p));
+    if (lc.use) return lanes_fwd_dispatch(p, lc, LanesArgs{lc.blocks_per_seq, nullptr, nullptr}, false, stream);
+  }
   const Config c = fwd_config(p.seqs, p.dtype, p.path, vector_ok_fwd(p), p.variant);
   const KernelArgs a{c.W, c.K, c.blocks_per_seq, nullptr, nullptr};
   return fwd_dispatch(p, c, a, false, stream);
@@ -819,21 +892,31 @@ cudaError_t mlgru_scan(const MlgruScanParams& p, cudaStream_t stream) {
 cudaError_t mlgru_scan_backward(const MlgruScanBwdParams& p, cudaStream_t stream) {
   if (p.seqs.num_seqs == 0 || p.seqs.dim == 0) return cudaSuccess;
   if (p.workspace == nullptr) return cudaErrorInvalidValue;
-  const Config c = bwd_config(p.seqs, p.dtype, p.path, vector_ok_bwd(p), p.variant);
   const int64_t slots = bwd_checkpoint_slots(p.seqs, p.dtype, p.path);
   float* checkpoints = p.workspace;
   float* dlb_part = p.workspace + slots * p.seqs.dim;
-  const KernelArgs a{c.W, c.K, c.blocks_per_seq, checkpoints, dlb_part};
-  // The checkpoint pass is the forward kernel on the same tiles, storing only tile states.
+  // The checkpoint pass is the forward kernel on the backward's tiles, storing only tile states.
   MlgruScanParams fp{p.seqs, p.dtype, p.i, p.f, p.lower_bound, p.h0, p.mask, nullptr, nullptr, p.path, nullptr,
                      p.variant};
-  cudaError_t err = fwd_dispatch(fp, c, a, true, stream);
-  if (err != cudaSuccess) return err;
-  switch (p.dtype) {
-    case DType::kFloat32: err = bwd_typed<float>(p, c, a, stream); break;
-    case DType::kBFloat16: err = bwd_typed<__nv_bfloat16>(p, c, a, stream); break;
-    case DType::kFloat16: err = bwd_typed<__half>(p, c, a, stream); break;
-    default: return cudaErrorInvalidValue;
+  const LanesConfig lc = p.variant == MlgruVariant::kBest ? lanes_config(p.seqs, p.dtype, p.path, words_ok_bwd(p))
+                                                          : LanesConfig{};
+  cudaError_t err = cudaSuccess;
+  if (lc.use) {
+    const LanesArgs la{lc.blocks_per_seq, checkpoints, dlb_part};
+    err = lanes_fwd_dispatch(fp, lc, la, true, stream);
+    if (err != cudaSuccess) return err;
+    err = lanes_bwd_dispatch(p, lc, la, stream);
+  } else {
+    const Config c = bwd_config(p.seqs, p.dtype, p.path, vector_ok_bwd(p), p.variant);
+    const KernelArgs a{c.W, c.K, c.blocks_per_seq, checkpoints, dlb_part};
+    err = fwd_dispatch(fp, c, a, true, stream);
+    if (err != cudaSuccess) return err;
+    switch (p.dtype) {
+      case DType::kFloat32: err = bwd_typed<float>(p, c, a, stream); break;
+      case DType::kBFloat16: err = bwd_typed<__nv_bfloat16>(p, c, a, stream); break;
+      case DType::kFloat16: err = bwd_typed<__half>(p, c, a, stream); break;
+      default: return cudaErrorInvalidValue;
+    }
   }
   if (err != cudaSuccess) return err;
   const int threads = 256;

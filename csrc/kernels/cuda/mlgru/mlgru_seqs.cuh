@@ -25,6 +25,12 @@ __device__ __forceinline__ Range seq_range(const MlgruSeqs& q, int64_t s) {
   return {b, e};
 }
 
+// Where the checkpoint of tile j of a sequence starting at token `begin` lives: slot
+// floor(begin/tile) + s + j is unique over all (s, j) (see mlgru_bwd_workspace_floats).
+__device__ __forceinline__ int64_t checkpoint_slot(int64_t begin, int64_t s, int64_t j, int64_t tile) {
+  return begin / tile + s + j;
+}
+
 }  // namespace mlgru
 }  // namespace cuda
 }  // namespace mmfree
