@@ -1,7 +1,8 @@
 """MLGRU scan benchmark: mmfree mlgru_scan against the unfused PyTorch composite and fla-core.
 
 Run: python benchmarks/bench_mlgru.py --device cuda --json out.json
-(``--quick``: only the issue-12 target shapes, ours against fla chunk_hgrn, no composite.)
+(``--quick``: only the issue-12 target shapes, ours (auto) against the other kernel generation
+(forward: the forced v4 lanes kernel, path=3; forward+backward: v2, path=2) and fla chunk_hgrn.)
 Bytes counted: forward reads i, f and writes h (3 tensors); forward+backward adds the
 backward's floor (reads i, f, grad_h, writes grad_i, grad_f): 8 tensors. fla-core's
 ``chunk_hgrn`` / ``fused_recurrent_hgrn`` (if importable) get their gating done in PyTorch,
@@ -65,7 +66,7 @@ def _fwd_cases(device: str, dtype: torch.dtype, quick: bool = False) -> list[Cas
                 Case("mlgru_scan fwd", shape, ours, None if slow_base else composite, "torch composite", bytes=nbytes)
             )
         if device == "cuda" and not quick:
-            for path, name in ((1, "sequential"), (2, "chunked")):
+            for path, name in ((1, "sequential"), (2, "chunked"), (3, "lanes")):
                 cases.append(
                     Case(
                         f"mlgru_scan fwd [{name}]",
@@ -74,6 +75,17 @@ def _fwd_cases(device: str, dtype: torch.dtype, quick: bool = False) -> list[Cas
                         bytes=nbytes,
                     )
                 )
+        if device == "cuda" and t > 1:  # same-run A/B: auto (v2 forward) against the forced v4 lanes one
+            cases.append(
+                Case(
+                    "mlgru_scan fwd",
+                    shape,
+                    ours,
+                    lambda i=i, f=f, lb=lb: torch.ops.mmfree.mlgru_scan_impl(i, f, lb, None, None, None, 3),
+                    "v4 lanes (path=3)",
+                    bytes=nbytes,
+                )
+            )
         if device == "cuda":
             fla_fns = (
                 ((chunk_hgrn, "fla chunk_hgrn"),)
@@ -175,6 +187,13 @@ def _fwd_bwd_cases(device: str, dtype: torch.dtype, quick: bool = False) -> list
         base = composite if (device == "cpu" or t * b <= 4096) and not quick else None
         if not quick or chunk_hgrn is None:  # quick: ours is timed beside fla below
             cases.append(Case("mlgru_scan fwd+bwd", shape, ours, base, "torch composite", bytes=nbytes))
+        if device == "cuda":
+
+            def v2(i=i, f=f, lb=lb, gh=gh) -> None:
+                h, _ = torch.ops.mmfree.mlgru_scan_impl(i, f, lb, None, None, None, 2)
+                torch.autograd.grad(h, (i, f), gh)
+
+            cases.append(Case("mlgru_scan fwd+bwd", shape, ours, v2, "v2 chunked (path=2)", bytes=nbytes))
         if device == "cuda" and chunk_hgrn is not None:
 
             def fla(i=i, f=f, lb=lb, gh=gh) -> None:
