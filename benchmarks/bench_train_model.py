@@ -6,7 +6,9 @@ B x T of random tokens, summed cross entropy over the batch. Each case: 3 warm-u
 ``--steps`` timed steps between two device synchronizations; peak = max allocated memory of
 the steps (parameters, gradients, optimizer state, activations; the memory counter is reset
 after the model is built). Eager, and with the loss function under ``torch.compile``
-(fullgraph for ours; the Llama graph is compiled with breaks allowed).
+(fullgraph for ours; the Llama graph is compiled with breaks allowed), and ``graphs``: the same
+compile with ``mode="reduce-overhead"`` (forward and backward replayed as CUDA graphs, for both
+models).
 
 Baseline: transformers ``LlamaForCausalLM`` with our h and L, intermediate 8/3*h rounded up to
 256, h/128 heads, SDPA attention (skipped with a note when transformers is not installed).
@@ -36,12 +38,18 @@ def _has_transformers() -> bool:
     return True
 
 
+# mode -> (torch.compile or not, its mode)
+_MODES = {"eager": (False, None), "compiled": (True, None), "graphs": (True, "reduce-overhead")}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--sizes", nargs="+", default=["370M", "1.3B"])
     p.add_argument("--models", nargs="+", default=["mmfree", "llama"], choices=["mmfree", "llama"])
-    p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=list(_MODES),
+                   help="compiled: torch.compile of the loss; graphs: the same with mode='reduce-overhead' "
+                        "(CUDA graphs)")  # fmt: skip
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10)
@@ -63,11 +71,14 @@ def main(argv: list[str] | None = None) -> int:
             for mode in args.modes:
                 torch._dynamo.reset()
                 try:
+                    compiled, compile_mode = _MODES[mode]
                     r = bench_train_step(size, device, model_kind=model, batch=args.batch, seq_len=args.seq,
-                                         steps=args.steps, warmup=args.warmup, compile=mode == "compiled")  # fmt: skip
+                                         steps=args.steps, warmup=args.warmup, compile=compiled,
+                                         compile_mode=compile_mode)  # fmt: skip
+                    r["mode"] = mode
                 except Exception as exc:  # one failing case (OOM, a compile error) must not hide the others
                     traceback.print_exc(limit=3)
-                    results.append({"size": size, "model": model, "compiled": mode == "compiled", "error": repr(exc)})
+                    results.append({"size": size, "model": model, "mode": mode, "error": repr(exc)})
                     print(f"{size:>6} {model:>7} {mode:>8}  failed: {exc!r}"[:200])
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -80,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         for mode in args.modes:
             ours = [r for r in results if r.get("size") == size and r["model"] == "mmfree"
-                    and r["compiled"] == (mode == "compiled") and "error" not in r]  # fmt: skip
+                    and r["mode"] == mode and "error" not in r]  # fmt: skip
             base = [r for r in results if r.get("size") == size and r["model"] == "llama"
-                    and r["compiled"] == (mode == "compiled") and "error" not in r]  # fmt: skip
+                    and r["mode"] == mode and "error" not in r]  # fmt: skip
             if ours and base:
                 peaks = ""
                 if ours[0]["peak_memory_gib"] is not None:

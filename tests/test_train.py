@@ -475,6 +475,39 @@ def test_bench_train_step_times_the_training_step():
         bench_train_step("tiny", "cpu", model_kind="gpt")
     args = build_parser().parse_args(["bench", "--train", "--config", "1.3B", "--compile"])
     assert args.train and args.compile and (args.train_batch, args.train_seq) == (4, 2048)
+    assert args.compile_mode == "default"
+    args = build_parser().parse_args(["bench", "--train", "--compile", "--compile-mode", "reduce-overhead"])
+    assert args.compile_mode == "reduce-overhead"
+    with pytest.raises(ValueError, match=r"steps must be >= 1"):
+        bench_train_step("tiny", "cpu", steps=0)
+    with pytest.raises(ValueError, match="compile_mode needs compile=True"):
+        bench_train_step("tiny", "cpu", steps=1, compile_mode="reduce-overhead")
+
+
+def test_compile_mode_reduce_overhead_says_what_it_needs(tmp_path):
+    """train.compile_mode = reduce-overhead (CUDA graphs) is refused, before training, where it
+    cannot work: without train.compile, on the CPU, with gradient accumulation; an unknown mode
+    is a config error."""
+    with pytest.raises(ValueError, match=r"needs train\.compile = true"):
+        run_training(_tiny_cfg(tmp_path, "a", **{"train.compile_mode": "reduce-overhead"}))
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        run_training(_tiny_cfg(tmp_path, "b", **{"train.compile": True, "train.compile_mode": "reduce-overhead"}))
+    with pytest.raises(ConfigError, match="expected one of default, reduce-overhead"):
+        _tiny_cfg(tmp_path, "c", **{"train.compile_mode": "max-autotune"})
+
+
+@pytest.mark.cuda
+def test_compile_mode_reduce_overhead_trains_on_cuda(tmp_path):
+    """The CUDA-graph step trains like the default compiled one (same data, same seed), and
+    gradient accumulation is refused."""
+    over = {"train.device": "cuda", "train.compile": True, "train.precision": "fp32"}
+    base = run_training(_tiny_cfg(tmp_path, "default", **over))
+    graphs = run_training(_tiny_cfg(tmp_path, "graphs", **over, **{"train.compile_mode": "reduce-overhead"}))
+    assert len(graphs.losses) == len(base.losses) == 6
+    torch.testing.assert_close(torch.tensor(graphs.losses), torch.tensor(base.losses), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="one micro-batch per step"):
+        acc = {"train.compile_mode": "reduce-overhead", "train.micro_batch": 2}
+        run_training(_tiny_cfg(tmp_path, "acc", **over, **acc))
 
 
 def test_nccl_ranks_run_with_nvlink_multicast_off(monkeypatch):

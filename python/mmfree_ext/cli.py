@@ -156,12 +156,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.train:
         from .train.bench import bench_train_step
 
+        if args.compile_mode != "default" and not args.compile:
+            raise SystemExit("error: --compile-mode needs --compile")
+        mode = None if args.compile_mode == "default" else args.compile_mode
         r = bench_train_step(
             args.config, device, batch=args.train_batch, seq_len=args.train_seq, steps=args.train_steps,
-            compile=args.compile, dtype=_DTYPES[args.dtype] if args.dtype else None,
+            compile=args.compile, compile_mode=mode, dtype=_DTYPES[args.dtype] if args.dtype else None,
         )  # fmt: skip
+        how = "eager" if not args.compile else ("compiled" if mode is None else f"compiled, {mode}")
         print(
-            f"{args.config} training step on {device} ({r['dtype']}, {'compiled' if args.compile else 'eager'}), "
+            f"{args.config} training step on {device} ({r['dtype']}, {how}), "
             f"batch {args.train_batch} x {args.train_seq}: {r['tokens_per_s']:,.0f} tokens/s"
             + (f", peak memory {r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] is not None else "")
         )
@@ -280,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--train-seq", type=int, default=2048, help="--train: tokens per row (default 2048)")
     b.add_argument("--train-steps", type=int, default=10, help="--train: timed steps after 3 warm-up steps")
     b.add_argument("--compile", action="store_true", help="--train: torch.compile the loss (fullgraph)")
+    b.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"],
+                   help="--train --compile: torch.compile mode (reduce-overhead: CUDA graphs)")  # fmt: skip
     b.set_defaults(func=_cmd_bench)
 
     e = sub.add_parser("eval", help="perplexity of a checkpoint on a text file (sliding window), latent vs packed")

@@ -88,10 +88,13 @@ def bench_train_step(
     steps: int = 10,
     warmup: int = 3,
     compile: bool = False,
+    compile_mode: str | None = None,
     dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Tokens/s and peak memory of ``steps`` training steps (after ``warmup``) of ``model_kind``
-    (``mmfree`` or ``llama``) at ``size``; bf16 parameters on CUDA (fp32 on CPU) unless ``dtype``."""
+    (``mmfree`` or ``llama``) at ``size``; bf16 parameters on CUDA (fp32 on CPU) unless ``dtype``.
+    ``compile_mode`` is ``torch.compile``'s ``mode`` (``"reduce-overhead"``: the forward and
+    backward graphs replayed as CUDA graphs; each step then starts a new graph generation)."""
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if device.type == "cuda":
@@ -106,8 +109,13 @@ def bench_train_step(
         vocab = model.config.vocab_size
     else:
         raise ValueError(f"model_kind must be 'mmfree' or 'llama', got {model_kind!r}")
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    if compile_mode is not None and not compile:
+        raise ValueError("compile_mode needs compile=True")
     if compile:
-        loss_fn = torch.compile(loss_fn, fullgraph=model_kind == "mmfree")
+        loss_fn = torch.compile(loss_fn, fullgraph=model_kind == "mmfree", mode=compile_mode)
+    graphs = compile_mode in ("reduce-overhead", "max-autotune")
     model.train()
     opt = build_optimizer(model, 1e-4)
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -116,14 +124,15 @@ def bench_train_step(
     n_params = sum(p.numel() for p in model.parameters())
     if device.type == "cuda":  # peak of the training steps, not of building the model
         torch.cuda.reset_peak_memory_stats(device)
-    t_first = time.perf_counter()
-    for _ in range(warmup):
-        train_step(model, opt, [mb], batch * seq_len, loss_fn=loss_fn)
-    _sync(device)
-    warm_s = time.perf_counter() - t_first
-    t0 = time.perf_counter()
-    last = None
-    for _ in range(steps):
+    t_first = t0 = time.perf_counter()
+    warm_s = 0.0
+    for k in range(warmup + steps):
+        if k == warmup:
+            _sync(device)
+            warm_s = time.perf_counter() - t_first
+            t0 = time.perf_counter()
+        if graphs:  # the previous step's graph outputs (loss, gradients) are consumed
+            torch.compiler.cudagraph_mark_step_begin()
         last = train_step(model, opt, [mb], batch * seq_len, loss_fn=loss_fn)
     _sync(device)
     seconds = time.perf_counter() - t0
@@ -134,6 +143,7 @@ def bench_train_step(
         "params": n_params,
         "dtype": str(dtype).replace("torch.", ""),
         "compiled": compile,
+        "compile_mode": compile_mode,
         "batch": batch,
         "seq_len": seq_len,
         "steps": steps,

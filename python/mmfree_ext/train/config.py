@@ -73,6 +73,9 @@ class TrainSection:
                         ("auto", "fp32", "bf16", "bf16-mixed"))  # fmt: skip
     fsdp: str = _f("auto", "auto (shard when launched by torchrun or for bf16-mixed), on, off", ("auto", "on", "off"))
     compile: bool = _f(False, "torch.compile the loss (fullgraph) or, under FSDP, each block")
+    compile_mode: str = _f("default", "torch.compile mode with compile = true: default, or reduce-overhead "
+                           "(the forward and backward replayed as CUDA graphs: CUDA, no FSDP, one "
+                           "micro-batch per step)", ("default", "reduce-overhead"))  # fmt: skip
     activation_checkpointing: bool = _f(False, "recompute each block's activations in the backward")
     clip: float = _f(1.0, "max global gradient norm (0 = no clipping)")
     threads: int = _f(0, "torch CPU threads (0 = torch's choice)")

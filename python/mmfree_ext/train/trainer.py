@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..models import MMfreeLMConfig, MMfreeLMForCausalLM
-from .config import TrainConfig
+from .config import TrainConfig, TrainSection
 from .data import PackedRows, build_corpus, cached_corpus
 from .metrics import MetricsWriter, peak_memory_gib
 from .parallel import Runtime, build_model, model_config, resolve_precision, setup_runtime, teardown
@@ -63,6 +63,27 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
     finally:
         teardown(rt, finished)
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
+
+
+def _check_compile_mode(t: TrainSection, rt: Runtime, fsdp: bool, micro: int) -> bool:
+    """Whether the step runs as CUDA graphs (train.compile_mode = reduce-overhead), after checking
+    what that needs: the replayed graphs reuse their output memory, so a second micro-batch's
+    backward would overwrite the first one's gradients before they are summed."""
+    if t.compile_mode == "default":
+        return False
+    where = f"train.compile_mode = {t.compile_mode!r}"
+    if not t.compile:
+        raise ValueError(f"{where} needs train.compile = true")
+    if rt.device.type != "cuda":
+        raise ValueError(f"{where} needs a CUDA device (CUDA graphs), got {rt.device}")
+    if fsdp:
+        raise ValueError(f"{where} is not supported under FSDP (train.fsdp); use the default mode")
+    if micro * rt.world_size != t.global_batch:
+        raise ValueError(
+            f"{where} needs one micro-batch per step (train.micro_batch = 0 or global_batch / world size), "
+            f"got micro_batch {micro} for global_batch {t.global_batch} on {rt.world_size} rank(s)"
+        )
+    return True
 
 
 def _stop_now(rt: Runtime, local: bool) -> bool:
@@ -112,10 +133,11 @@ def _run(cfg: TrainConfig, rt: Runtime, log: Callable[[str], None] | None) -> Tr
                 "(the data position would not match)"
             )
 
+    micro = t.micro_batch or t.global_batch // rt.world_size
+    graphs = _check_compile_mode(t, rt, fsdp, micro)
     loss_fn = lm_loss_sum
     if t.compile and not fsdp:
-        loss_fn = torch.compile(lm_loss_sum, fullgraph=True)
-    micro = t.micro_batch or t.global_batch // rt.world_size
+        loss_fn = torch.compile(lm_loss_sum, fullgraph=True, mode="reduce-overhead" if graphs else None)
     tokens_per_step = t.global_batch * d.seq_len
     total = t.steps or 10**9
     writer = MetricsWriter(t.out_dir, rt.is_main, t.steps or None, start_step, cfg.log.progress, cfg.log.tensorboard)
@@ -156,6 +178,8 @@ def _run(cfg: TrainConfig, rt: Runtime, log: Callable[[str], None] | None) -> Tr
             batches = [rows.make_batch(r).to(rt.device) for r in rows.rank_micro_batches(
                 step, t.global_batch, rt.rank, rt.world_size, micro)]  # fmt: skip
             lr = lr_at(step, total, o.lr, o.warmup_steps, o.min_lr_ratio)
+            if graphs:  # a new CUDA-graph generation: the last step's outputs are consumed
+                torch.compiler.cudagraph_mark_step_begin()
             res = train_step(
                 model,
                 opt,
