@@ -194,3 +194,27 @@ def test_cuda_mlgru_scan_past_2g_elements(varlen: bool) -> None:
     rh, rl = ref.mlgru_scan(last_i.cpu(), last_f.cpu())
     torch.testing.assert_close(last_h[:, -64:].cpu().float(), rh[:, -64:].float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(h_last[-1:].cpu(), rl, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", [0, 3], ids=["auto", "lanes"])
+def test_cuda_mlgru_scan_backward_past_2g_elements(path: int) -> None:
+    """The backward (the v4 lanes kernels at this shape, forced or by auto) past 2^31 elements:
+    the last sequence's gradients against the CPU kernels' backward of that sequence alone
+    (sequences are independent; dL/dlb sums over all of them and is not compared)."""
+    _need_cuda_memory(40)
+    d, t = 2048, 8192
+    b = BIG // (t * d) + 1  # B*T*D > 2^31
+    i = torch.randn(b, t, d, device="cuda", dtype=torch.bfloat16)
+    f = torch.randn(b, t, d, device="cuda", dtype=torch.bfloat16)
+    gh = torch.randn(b, t, d, device="cuda", dtype=torch.bfloat16)
+    ghl = torch.randn(b, d, device="cuda")
+    lb = torch.rand(d, device="cuda") * 0.5
+    gi, gf, _, gh0 = torch.ops.mmfree.mlgru_scan_backward(gh, ghl, i, f, lb, None, None, None, path)
+    assert (i.numel() - t * d) >= BIG
+    base = torch.ops.mmfree.mlgru_scan_backward(
+        gh[-1:].cpu(), ghl[-1:].cpu(), i[-1:].cpu(), f[-1:].cpu(), lb.cpu(), None, None, None
+    )
+    for name, ours, want in (("i", gi[-1:], base[0]), ("f", gf[-1:], base[1]), ("h0", gh0[-1:], base[3])):
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(ours.cpu().float(), want.float(), rtol=2e-2, atol=2e-2 * scale, msg=name)
