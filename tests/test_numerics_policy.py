@@ -158,6 +158,34 @@ def test_scan_of_infinite_inputs_matches_reference(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", [0, 1, 3], ids=["auto", "sequential", "lanes"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_scan_with_forget_gate_inputs_past_the_exp_cap(device: str, dtype: torch.dtype, path: int) -> None:
+    """Regression (CUDA, 16-bit inputs): a forget-gate input below -87.34 gave 1 - sigmoid(f) = 0
+    (the fast reciprocal returns 0 for divisors of 2^126 and more), so c_t, dL/di and a dL/dlb
+    term of that token were 0; the reference keeps c_t = silu(i) (1 - lb) there."""
+    f_vals = torch.tensor([-86.0, -87.2, -87.5, -88.0, -100.0, -1e4, 3.0, -87.9])
+    t, d = f_vals.numel(), 64
+    i = torch.linspace(-3, 3, d).expand(1, t, d).to(dtype).to(device)
+    f = f_vals.view(1, t, 1).expand(1, t, d).contiguous().to(dtype).to(device)
+    lb = torch.full((d,), 0.25, device=device)
+    leaves = [x.clone().requires_grad_(True) for x in (i, f, lb)]
+    h, h_last = torch.ops.mmfree.mlgru_scan_impl(*leaves, None, None, None, path)
+    ref_leaves = [x.detach().cpu().float().requires_grad_(True) for x in (i, f, lb)]
+    rh, rhl = ref.mlgru_scan(*ref_leaves)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3}.get(dtype, 1.6e-2)
+    torch.testing.assert_close(h.cpu().float(), rh, rtol=tol, atol=tol)
+    torch.testing.assert_close(h_last.cpu(), rhl, rtol=tol, atol=tol)
+    assert (h[0, 1:6].abs().amax(-1) > 0.1).all()  # c_t = silu(i) * 0.75 is there, not 0
+    gh = torch.randn(1, t, d, generator=torch.Generator().manual_seed(0))
+    torch.autograd.backward([h], [gh.to(dtype).to(device)])
+    torch.autograd.backward([rh], [gh.to(dtype).float()])
+    for name, ours, want in zip(("i", "f", "lower_bound"), leaves, ref_leaves, strict=True):
+        scale = max(1.0, want.grad.abs().max().item())
+        torch.testing.assert_close(ours.grad.cpu().float(), want.grad, rtol=tol, atol=tol * scale, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k", [255, 1021, 4099])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ternary_scale_of_a_constant_weight_is_exact(device: str, k: int, dtype: torch.dtype) -> None:

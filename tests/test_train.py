@@ -126,6 +126,37 @@ def test_rows_labels_and_cu_seqlens_follow_documents(tmp_path):
     assert rows.target_tokens([0, 1]) == int((batch.labels != IGNORE).sum())
 
 
+def test_bucketed_cu_seqlens_keep_the_loss_and_gradients(tmp_path):
+    """The CUDA-graph step's batches: cu_seqlens always present, padded with empty sequences
+    to a power-of-two count; the loss and every gradient are those of the original batch."""
+    from mmfree_ext.train.data import Batch
+    from mmfree_ext.train.step import lm_loss_sum
+
+    cfg = _tiny_cfg(tmp_path)
+    corpus = build_corpus(cfg.data)
+    rows = PackedRows(corpus, 32, seed=0)
+    batch = rows.make_batch([0, 1, 2])
+    padded = batch.with_bucketed_cu_seqlens()
+    seqs = batch.cu_seqlens.numel() - 1
+    assert padded.cu_seqlens.numel() - 1 == 1 << (seqs - 1).bit_length()
+    assert torch.equal(padded.cu_seqlens[: seqs + 1], batch.cu_seqlens)
+    assert (padded.cu_seqlens[seqs:] == 3 * 32).all()
+    # no document start inside the rows: the row starts, as a tensor
+    plain = Batch(batch.input_ids, batch.labels, None).with_bucketed_cu_seqlens()
+    assert plain.cu_seqlens.tolist() == [0, 32, 64, 96, 96]
+    torch.manual_seed(0)
+    model = MMfreeLMForCausalLM(named_config("tiny", hidden_size=64, num_hidden_layers=2, vocab_size=258))
+    grads = []
+    for b in (batch, padded):
+        model.zero_grad(set_to_none=True)
+        loss = lm_loss_sum(model, b.input_ids, b.labels, b.cu_seqlens)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    for a, b_ in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(a, b_, rtol=0, atol=0)
+
+
 def test_token_cache_is_reused_and_follows_the_files(tmp_path):
     from mmfree_ext.train.data import cached_corpus
 
@@ -500,9 +531,13 @@ def test_compile_mode_reduce_overhead_says_what_it_needs(tmp_path):
 def test_compile_mode_reduce_overhead_trains_on_cuda(tmp_path):
     """The CUDA-graph step trains like the default compiled one (same data, same seed), and
     gradient accumulation is refused."""
+    from torch._dynamo.utils import counters
+
     over = {"train.device": "cuda", "train.compile": True, "train.precision": "fp32"}
     base = run_training(_tiny_cfg(tmp_path, "default", **over))
+    counters.clear()
     graphs = run_training(_tiny_cfg(tmp_path, "graphs", **over, **{"train.compile_mode": "reduce-overhead"}))
+    assert counters["inductor"]["cudagraph_skips"] == 0, "Inductor ran the step without CUDA graphs"
     assert len(graphs.losses) == len(base.losses) == 6
     torch.testing.assert_close(torch.tensor(graphs.losses), torch.tensor(base.losses), rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="one micro-batch per step"):

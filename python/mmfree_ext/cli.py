@@ -153,6 +153,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .models.bench import bench_decode, bench_prefill, random_packed_model
 
     device = _device(args.device)
+    if args.compile_mode != "default" and not args.train:
+        raise SystemExit("error: --compile-mode applies to --train (with --compile)")
     if args.train:
         from .train.bench import bench_train_step
 

@@ -95,6 +95,10 @@ def bench_train_step(
     (``mmfree`` or ``llama``) at ``size``; bf16 parameters on CUDA (fp32 on CPU) unless ``dtype``.
     ``compile_mode`` is ``torch.compile``'s ``mode`` (``"reduce-overhead"``: the forward and
     backward graphs replayed as CUDA graphs; each step then starts a new graph generation)."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    if compile_mode is not None and not compile:
+        raise ValueError("compile_mode needs compile=True")
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if device.type == "cuda":
@@ -109,10 +113,6 @@ def bench_train_step(
         vocab = model.config.vocab_size
     else:
         raise ValueError(f"model_kind must be 'mmfree' or 'llama', got {model_kind!r}")
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
-    if compile_mode is not None and not compile:
-        raise ValueError("compile_mode needs compile=True")
     if compile:
         loss_fn = torch.compile(loss_fn, fullgraph=model_kind == "mmfree", mode=compile_mode)
     graphs = compile_mode in ("reduce-overhead", "max-autotune")

@@ -254,6 +254,20 @@ class Batch:
     labels: Tensor
     cu_seqlens: Tensor | None
 
+    def with_bucketed_cu_seqlens(self) -> Batch:
+        """The same batch with ``cu_seqlens`` always present and its sequence count rounded up to
+        a power of two by trailing empty sequences (offsets repeating the total, which the scan
+        skips), so that a CUDA-graph step sees a few shapes (one recorded graph each) instead of
+        one per batch; the loss and gradients are those of the batch."""
+        rows, t = self.input_ids.shape
+        total = rows * t
+        cu = self.cu_seqlens if self.cu_seqlens is not None else torch.arange(0, total + 1, t, dtype=torch.int64)
+        seqs = cu.numel() - 1
+        cap = 1 << max(seqs - 1, 0).bit_length()
+        if cap > seqs:
+            cu = torch.cat([cu, cu.new_full((cap - seqs,), total)])
+        return Batch(self.input_ids, self.labels, cu)
+
     def to(self, device: torch.device) -> Batch:
         """The batch on ``device``. To CUDA through pinned memory: a copy from pageable memory
         would wait for the queued kernels and block the host (no overlap of steps)."""

@@ -175,8 +175,11 @@ def _run(cfg: TrainConfig, rt: Runtime, log: Callable[[str], None] | None) -> Tr
             if not t.steps and step - start_step >= 3:
                 done = step - start_step
                 total = max(step + 1, int(start_step + done * (t.max_seconds - elapsed_before) / max(elapsed, 1e-9)))
-            batches = [rows.make_batch(r).to(rt.device) for r in rows.rank_micro_batches(
+            batches = [rows.make_batch(r) for r in rows.rank_micro_batches(
                 step, t.global_batch, rt.rank, rt.world_size, micro)]  # fmt: skip
+            if graphs:  # a few cu_seqlens shapes, not one recorded graph per document layout
+                batches = [b.with_bucketed_cu_seqlens() for b in batches]
+            batches = [b.to(rt.device) for b in batches]
             lr = lr_at(step, total, o.lr, o.warmup_steps, o.min_lr_ratio)
             if graphs:  # a new CUDA-graph generation: the last step's outputs are consumed
                 torch.compiler.cudagraph_mark_step_begin()

@@ -21,12 +21,19 @@ __device__ __forceinline__ float recip_1p(float e) {
   return kFast ? __fdividef(1.0f, 1.0f + e) : 1.0f / (1.0f + e);
 }
 
+// The exponent cap. __fdividef(1, d) returns 0 for d in [2^126, 2^128] (the PTX div.approx
+// range), so for 16-bit inputs the cap is 87 (e^87 = 6.1e37 < 2^126 = 8.5e37): at 88 a gate
+// input below -87.34 gave sigmoid 0 and 1 - sigmoid = e * 0 = 0 instead of 1, which dropped
+// c_t (and dL/di, a dL/dlb term) of that token. fp32 (IEEE division) keeps 88.
+template <bool kFast>
+constexpr float kExpCap = kFast ? 87.0f : 88.0f;
+
 // sigmoid(y) and 1 - sigmoid(y) = exp(-y) sigmoid(y) without cancellation. The exponent is
-// capped at 88 (finite, so 0 * inf never appears); NaN passes through the comparison.
+// capped (finite, so 0 * inf never appears); NaN passes through the comparison.
 template <bool kFast>
 __device__ __forceinline__ void sigmoid2(float y, float& sg, float& one_minus_sg) {
   float a = -y;
-  a = a > 88.0f ? 88.0f : a;
+  a = a > kExpCap<kFast> ? kExpCap<kFast> : a;
   const float e = exp_<kFast>(a);
   sg = recip_1p<kFast>(e);
   one_minus_sg = e * sg;
@@ -34,22 +41,23 @@ __device__ __forceinline__ void sigmoid2(float y, float& sg, float& one_minus_sg
 
 // sigmoid of the input gate: sigmoid2, except past the exponent cap, so that silu(-1e30) = -0
 // and silu(-inf) = -inf * 0 = NaN as in the reference and the CPU kernels (not -3e-9 and
-// -inf). Nothing changes for x >= -88. For 16-bit inputs sigmoid(x < -88) < 6e-39 is below
-// every normal bf16/fp16 value, so it is flushed to 0 (a select; an IEEE division here was one
-// of the costliest steps of the gate); fp32 keeps shrinking it past the cap (divided by what
-// lies past it).
+// -inf). Nothing changes above the cap. For 16-bit inputs sigmoid(x < -87) < 1.7e-38 is below
+// the output's precision (the smallest normal bf16/fp16 is 1.2e-38 / 6e-5), so it is flushed to
+// 0 (a select; an IEEE division here was one of the costliest steps of the gate); fp32 keeps
+// shrinking it past the cap (divided by what lies past it).
 template <bool kFast>
 __device__ __forceinline__ void input_sigmoid2(float x, float& s, float& one_minus_s) {
+  constexpr float cap = kExpCap<kFast>;
   float a = -x;
-  a = a > 88.0f ? 88.0f : a;
+  a = a > cap ? cap : a;
   const float e = exp_<kFast>(a);
   s = recip_1p<kFast>(e);
   if constexpr (kFast) {
-    const bool past = x < -88.0f;
+    const bool past = x < -cap;
     s = past ? 0.0f : s;
     one_minus_s = past ? 1.0f : e * s;
   } else {
-    if (x < -88.0f) s = s / (1.0f + (-88.0f - x));
+    if (x < -cap) s = s / (1.0f + (-cap - x));
     one_minus_s = e * s;
   }
 }
