@@ -158,6 +158,40 @@ __device__ __forceinline__ void load_lower_bound(const void* lower_bound, int64_
   }
 }
 
+// Pass 1 of a tile: the gates of the thread's run (f_t, c_t kept for pass 2) folded into the
+// forward map h -> A h + b and, kFlow (the backward), the reverse flow's q (the map
+// e_left = A e_right + q shares A): q = sum_t prod_{s <= t} f_s * dL/dh_t, in token order.
+template <class T, int C, int L, bool kFast, bool kFlow>
+__device__ __forceinline__ void gate_run(const uint32_t (&ri)[L], const uint32_t (&rf)[L], const uint32_t (&rg)[L],
+                                         const RunBits& bits, const float (&lb)[C], const float (&omlb)[C],
+                                         float (&ft)[L][C], float (&c)[L][C], float (&A)[C], float (&b)[C],
+                                         float (&q)[C]) {
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    A[k] = 1.0f;
+    b[k] = 0.0f;
+    q[k] = 0.0f;
+  }
+#pragma unroll
+  for (int u = 0; u < L; ++u) {
+    float xi[C], xf[C];
+    unpack_word<T, C>(ri[u], xi);
+    unpack_word<T, C>(rf[u], xf);
+    gate_token<kFast, C>(xi, xf, lb, omlb, (bits.valid >> u) & 1u, (bits.in_range >> u) & 1u, ft[u], c[u]);
+#pragma unroll
+    for (int k = 0; k < C; ++k) {
+      b[k] = ft[u][k] * b[k] + c[u][k];
+      A[k] = ft[u][k] * A[k];
+    }
+    if constexpr (kFlow) {
+      float gh[C];
+      unpack_word<T, C>(rg[u], gh);
+#pragma unroll
+      for (int k = 0; k < C; ++k) q[k] = A[k] * gh[k] + q[k];
+    }
+  }
+}
+
 // The lanes of a warp: G = 32 / W consecutive lanes (lane g of the warp = ty % G).
 constexpr int kWarpLanes = 32 / kLanesWords;
 
@@ -222,24 +256,8 @@ __global__ void __launch_bounds__(K * kLanesWords) mlgru_fwd_lanes_kernel(const 
     load_run<T>(p.i, run, dim, pl.active, ri);
     load_run<T>(p.f, run, dim, pl.active, rf);
     const RunBits bits = run_bits(p.mask, tb, run, pl.active);
-    float ft[L][C], c[L][C], A[C], b[C];
-#pragma unroll
-    for (int k = 0; k < C; ++k) {
-      A[k] = 1.0f;
-      b[k] = 0.0f;
-    }
-#pragma unroll
-    for (int u = 0; u < L; ++u) {
-      float xi[C], xf[C];
-      unpack_word<T, C>(ri[u], xi);
-      unpack_word<T, C>(rf[u], xf);
-      gate_token<kFast, C>(xi, xf, lb, omlb, (bits.valid >> u) & 1u, (bits.in_range >> u) & 1u, ft[u], c[u]);
-#pragma unroll
-      for (int k = 0; k < C; ++k) {
-        b[k] = ft[u][k] * b[k] + c[u][k];
-        A[k] = ft[u][k] * A[k];
-      }
-    }
+    float ft[L][C], c[L][C], A[C], b[C], unused[C];
+    gate_run<T, C, L, kFast, false>(ri, rf, rf, bits, lb, omlb, ft, c, A, b, unused);
     // Lanes within the warp by shuffles; then the warps' aggregates in order from shared memory.
     float Aex[C], bex[C];
 #pragma unroll
@@ -323,26 +341,7 @@ __global__ void __launch_bounds__(K * kLanesWords, 80 / K) mlgru_bwd_lanes_kerne
     const RunBits bits = run_bits(p.mask, tb, run, pl.active);
     // Pass 1: gates, the forward map (A, b) and the reverse one (A, q).
     float ft[L][C], c[L][C], A[C], b[C], q[C];
-#pragma unroll
-    for (int k = 0; k < C; ++k) {
-      A[k] = 1.0f;
-      b[k] = 0.0f;
-      q[k] = 0.0f;
-    }
-#pragma unroll
-    for (int u = 0; u < L; ++u) {
-      float xi[C], xf[C], gh[C];
-      unpack_word<T, C>(ri[u], xi);
-      unpack_word<T, C>(rf[u], xf);
-      unpack_word<T, C>(rg[u], gh);
-      gate_token<kFast, C>(xi, xf, lb, omlb, (bits.valid >> u) & 1u, (bits.in_range >> u) & 1u, ft[u], c[u]);
-#pragma unroll
-      for (int k = 0; k < C; ++k) {
-        b[k] = ft[u][k] * b[k] + c[u][k];
-        A[k] = ft[u][k] * A[k];
-        q[k] = A[k] * gh[k] + q[k];
-      }
-    }
+    gate_run<T, C, L, kFast, true>(ri, rf, rg, bits, lb, omlb, ft, c, A, b, q);
     float4* buf = maps[j & 1];
 #pragma unroll
     for (int k = 0; k < C; ++k) buf[(pl.ty * C + k) * W + pl.tx] = make_float4(A[k], b[k], q[k], 0.0f);
