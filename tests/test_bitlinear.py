@@ -71,6 +71,26 @@ def test_exact_backward_equals_ternary_linear_backward(device: str, dtype: torch
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_with_no_output_features(device: str, dtype: torch.dtype) -> None:
+    """N = 0: dY [M, 0] holds no elements to infer M from; dX and dg are the gradients of an
+    empty sum (zeros), through autograd and the explicit backward ops."""
+    x, w, g = _inputs(7, 256, 0, dtype, device)
+    leaves = [t.clone().requires_grad_() for t in (x, w, g)]
+    y = mmfree_ext.ternary_linear(*leaves, EPS)
+    assert y.shape == (7, 0)
+    y.sum().backward()
+    for t in leaves:
+        assert t.grad.shape == t.shape and torch.equal(t.grad, torch.zeros_like(t))
+    dy = torch.empty(7, 0, device=device, dtype=dtype)
+    dx, dw, dg = torch.ops.mmfree.ternary_linear_backward(dy, x, w, g, EPS)
+    assert torch.equal(dx, torch.zeros_like(x)) and dw.shape == (0, 256) and torch.equal(dg, torch.zeros_like(g))
+    packed, w_scale = torch.ops.mmfree.quantize_ternary(w)
+    dx, dg = torch.ops.mmfree.ternary_linear_packed_backward(dy, x, packed, w_scale, g, EPS)
+    assert torch.equal(dx, torch.zeros_like(x)) and torch.equal(dg, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_autograd_matches_ternary_linear(device: str) -> None:
     x, w, g = _inputs(20, 130, 24, torch.float32, device)
     x = x.reshape(4, 5, 130)

@@ -147,7 +147,9 @@ std::tuple<Tensor, Tensor, Tensor> bitlinear_backward_impl(const Tensor& grad_ou
                " (x's leading dims, N), got ", grad_out.sizes());
   MMFREE_CHECK(weight_dtype == kFloat || weight_dtype == kBFloat16 || weight_dtype == kHalf || weight_dtype == kDouble,
                "mmfree: argument 'weight_dtype' must be a floating dtype, got ", weight_dtype);
-  const Tensor g2 = contig(to(torch::stable::reshape(grad_out, {-1, n}), compute_dtype(grad_out.scalar_type())));
+  // Rows from x, not -1: with N = 0 (no outputs) dY has no elements to infer them from.
+  const Tensor g2 = contig(
+      to(torch::stable::reshape(grad_out, {x.numel() / k, n}), compute_dtype(grad_out.scalar_type())));
   const int64_t m = g2.size(0);
 
   std::optional<Tensor> dx, dg;

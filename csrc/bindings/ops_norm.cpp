@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "bindings/checks.h"
+#include "bindings/norm_backward_scaled.h"
 #include "norm.h"
 
 namespace mmfree {
@@ -129,10 +130,10 @@ std::tuple<Tensor, Tensor> rms_norm_impl(const Tensor& x, const Tensor& weight_i
   return {y, residual_out};
 }
 
-std::tuple<Tensor, Tensor> rms_norm_backward_impl(const Tensor& grad_y, const Tensor& x,
-                                                          const Tensor& weight, double eps,
-                                                          const std::optional<Tensor>& residual,
-                                                          const std::optional<Tensor>& grad_residual) {
+// grad_scale (CUDA only, may be null): a device fp32 scalar multiplying grad_y as it is read.
+std::tuple<Tensor, Tensor> norm_backward(const Tensor& grad_y, const Tensor& x, const Tensor& weight, double eps,
+                                         const std::optional<Tensor>& residual,
+                                         const std::optional<Tensor>& grad_residual, const Tensor* grad_scale) {
   const int64_t k = check_rows_input(x, "x");
   check_weight(weight, "weight", k, x, "x");
   check_like(grad_y, "grad_y", x, "x");
@@ -157,14 +158,23 @@ std::tuple<Tensor, Tensor> rms_norm_backward_impl(const Tensor& grad_y, const Te
   if (x.is_cuda()) {
 #if defined(MMFREE_WITH_CUDA)
     const CudaGuard guard(x);
+    if (grad_scale != nullptr) p.grad_scale = ptr<float>(*grad_scale);
     Tensor ws = empty({std::max<int64_t>(norm_backward_partial_rows(rows), 1), k}, x.scalar_type() == kDouble ? kDouble : kFloat, x);
     p.dweight_partial = ws.data_ptr();
     MMFREE_CUDA_CHECK(cuda::rms_norm_backward(p, current_stream(x)));
 #endif
   } else {
+    MMFREE_CHECK(grad_scale == nullptr, "mmfree: the scaled rms_norm backward is CUDA only");
     cpu::rms_norm_backward(p);
   }
   return {dx, dweight};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_backward_impl(const Tensor& grad_y, const Tensor& x,
+                                                          const Tensor& weight, double eps,
+                                                          const std::optional<Tensor>& residual,
+                                                          const std::optional<Tensor>& grad_residual) {
+  return norm_backward(grad_y, x, weight, eps, residual, grad_residual, nullptr);
 }
 
 void check_gate_inputs(const Tensor& g, const Tensor& h, const Tensor& weight, int64_t* k) {
@@ -275,6 +285,17 @@ std::tuple<Tensor, Tensor, Tensor> rms_norm_swish_gate_backward_impl(const Tenso
 }
 
 }  // namespace
+
+#if defined(MMFREE_WITH_CUDA)
+std::tuple<Tensor, Tensor> rms_norm_backward_scaled(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
+                                                    double eps, const Tensor& grad_scale) {
+  check_dtype(grad_scale, "grad_scale", kFloat);
+  check_numel(grad_scale, "grad_scale", 1);
+  check_same_device(grad_scale, "grad_scale", x, "x");
+  MMFREE_CHECK(x.is_cuda(), "mmfree: the scaled rms_norm backward is CUDA only, got 'x' on the CPU");
+  return norm_backward(grad_y, x, weight, eps, std::nullopt, std::nullopt, &grad_scale);
+}
+#endif
 
 #define MMFREE_NORM_IMPLS(m)                                                                        \
   m.impl("rms_norm_quant", TORCH_BOX(&rms_norm_quant_impl));                                        \

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "bindings/checks.h"
+#include "bindings/norm_backward_scaled.h"
 #include "bindings/op_calls.h"
 #include "common/ternary_format.h"
 #include "dequant.h"
@@ -223,7 +224,8 @@ Tensor ternary_matmul_grouped_impl(const Tensor& x_q, const Tensor& x_scale, con
 #if defined(MMFREE_WITH_CUDA)
 // Which CUDA implementation of ternary_matmul_t runs. "panels" (default): W_q is decoded one
 // column panel (<= 16 MiB) at a time into the grad's dtype (bf16, fp16 or fp32; exact) and
-// multiplied by cuBLAS with fp32 output: the precision of a dense product in that dtype,
+// multiplied by cuBLAS with fp32 output (or, for the bf16 BitLinear backward, bf16 output left
+// unscaled: ternary_matmul_t_unscaled_cuda): the precision of a dense product in that dtype,
 // at cuBLAS speed (wgmma on sm_90). "mma": the torch-free mma.sync kernel that decodes the
 // codes in shared memory (gemm_t.cu), bf16 grads only (and GPUs with >= 106 KB of shared
 // memory per block); measured 2.1x slower than the panels on the H100 (1776 us at
@@ -237,7 +239,8 @@ bool use_mma_kernel(const Tensor& grad) {
   return impl == "mma" && grad.scalar_type() == kBFloat16;
 }
 
-// out[m, :] = g @ W_q over column panels of decoded weights; g is [M, N] in the compute dtype.
+// out[m, :] = g @ W_q over column panels of decoded weights; g is [M, N] in the compute dtype,
+// out [M, K] fp32 or g's dtype.
 void matmul_t_panels(const Tensor& g, const Tensor& packed, int64_t k, Tensor& out) {
   constexpr int64_t kPanelBytes = int64_t{16} << 20;
   const int64_t n = packed.size(0);
@@ -253,15 +256,16 @@ void matmul_t_panels(const Tensor& g, const Tensor& packed, int64_t k, Tensor& o
     TernaryDecodePanelParams d{ptr<uint8_t>(packed), n, k, b0, b1, w.data_ptr(), to_dtype(g.scalar_type())};
     MMFREE_CUDA_CHECK(cuda::ternary_decode_panel(d, stream));
     Tensor o = torch::stable::narrow(out, 1, c0, width);
-    if (g.scalar_type() == kFloat) {
-      aten::mm_out(o, g, w);
+    if (g.scalar_type() == kFloat || out.scalar_type() == g.scalar_type()) {
+      aten::mm_out(o, g, w);  // fp32, or 16-bit operands and output (fp32 accumulation)
     } else {
       aten::mm_dtype_out(o, g, w, kFloat);  // 16-bit operands, fp32 accumulation and output
     }
   }
 }
 
-// out_dtype: fp32 for the op; the BitLinear backward asks for x's dtype, which the panels
+// out_dtype: fp32 for the op; the BitLinear backward asks for x's dtype when it cannot take
+// the unscaled product (fp16, dY in another dtype than x, the mma kernel), which the panels
 // path then writes in the same pass that applies w_scale.
 Tensor ternary_matmul_t_cuda(const Tensor& grad, Tensor packed, const Tensor& w_scale,
                                  int64_t in_features, const std::vector<int64_t>& out_sizes,
@@ -299,6 +303,22 @@ Tensor ternary_matmul_t_cuda(const Tensor& grad, Tensor packed, const Tensor& w_
   const ScaleCastParams sc{ptr<float>(out), ptr<float>(w_scale), out.numel(), to_dtype(out_dtype), res.data_ptr()};
   MMFREE_CUDA_CHECK(cuda::scale_cast(sc, current_stream(grad)));
   return res;
+}
+
+// grad @ W_q in grad's dtype, w_scale NOT applied: the panels product with cuBLAS writing
+// grad's dtype directly (fp32 accumulation; split-K reductions as torch allows them), for a consumer that applies w_scale itself as it
+// reads the product (the BitLinear backward's RMSNorm: rms_norm_backward_scaled). Saves the
+// fp32 [M, K] product and the pass that scaled and cast it (152 passes, 4.6 ms of a 1.3B
+// training step on the H200). grad: [M, N] contiguous, 16-bit or fp32.
+Tensor ternary_matmul_t_unscaled_cuda(const Tensor& grad, Tensor packed, int64_t in_features) {
+  const CudaGuard guard(grad);
+  const int64_t n = packed.size(0), m = grad.size(0);
+  if (n == 0) return zeros({m, in_features}, grad.scalar_type(), grad);  // an empty sum
+  Tensor out = empty({m, in_features}, grad.scalar_type(), grad);
+  if (m == 0) return out;
+  if (reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 != 0) packed = torch::stable::clone(packed);
+  matmul_t_panels(grad, packed, in_features, out);
+  return out;
 }
 #endif
 
@@ -392,20 +412,35 @@ Tensor call_rms_norm_backward_dx_dg(const Tensor& grad_y, const Tensor& x, const
 //   dx  = rstd * (dxn*g - xhat * mean(dxn*g * xhat))
 // For fp32/bf16/fp16 x the last two lines are the fused mmfree::rms_norm_backward, fed dxn
 // in x's dtype (a 16-bit x gets dxn rounded to 16 bits, as a 16-bit autograd graph of the
-// reference would hold it). float64 (gradcheck) stays in fp32 ops, widened at the end.
+// reference would hold it; on CUDA with bf16 dY and x it is the unscaled dY @ W_q that is
+// rounded, w_scale applied in fp32 by the norm). float64 (gradcheck) stays in fp32 ops,
+// widened at the end.
 // Returns (dx in x's dtype, dg in norm_weight's dtype, g2 = dY as [M, N] in dY's dtype, or
 // fp32 for a float64 dY).
 std::tuple<Tensor, Tensor, Tensor> norm_and_input_backward(const Tensor& grad_out, const Tensor& x,
                                                                        const Tensor& packed, const Tensor& w_scale,
                                                                        const Tensor& norm_weight, double eps) {
   const int64_t k = size_at(x, -1), n = packed.size(0);
-  Tensor g2 = torch::stable::reshape(grad_out, {-1, n});
+  // Rows from x, not -1: with N = 0 (no outputs) dY has no elements to infer them from.
+  Tensor g2 = torch::stable::reshape(grad_out, {k > 0 ? x.numel() / k : 0, n});
   g2 = contig(g2.scalar_type() == kDouble ? to(g2, kFloat) : g2);
   const bool fused = x.scalar_type() != kDouble &&
                      (norm_weight.scalar_type() == x.scalar_type() || norm_weight.scalar_type() == kFloat);
   if (fused) {
     std::optional<Tensor> dxn;
 #if defined(MMFREE_WITH_CUDA)
+    // fp16 keeps the scaled product: unscaled, |dY @ W_q| is 1 / w_scale (~60x at init) larger
+    // and would overflow fp16's range that much sooner (GradScaler-scaled gradients).
+    if (g2.is_cuda() && g2.scalar_type() == x.scalar_type() && g2.scalar_type() != kHalf && !use_mma_kernel(g2)) {
+      // w_scale is applied in fp32 as the norm reads the product: a bf16 product is rounded
+      // once, before the scale (bf16(dY @ W_q) * w_scale instead of bf16((dY @ W_q) *
+      // w_scale)); fp32 gives the same bits. cuBLAS's bf16 output follows torch's
+      // allow_bf16_reduced_precision_reduction, as a bf16 nn.Linear's does.
+      const Tensor prod = ternary_matmul_t_unscaled_cuda(g2, packed, k);
+      const Tensor x2 = contig(torch::stable::reshape(x, {-1, k}));
+      auto [dx, dg] = rms_norm_backward_scaled(prod, x2, contig(norm_weight), eps, w_scale);
+      return {torch::stable::reshape(dx, x.sizes()), dg, g2};
+    }
     if (g2.is_cuda()) dxn = ternary_matmul_t_cuda(g2, packed, w_scale, k, {g2.size(0), k}, x.scalar_type());
 #endif
     if (!dxn.has_value()) dxn = to(ternary_matmul_t_impl(g2, packed, w_scale, k), x.scalar_type());

@@ -3,7 +3,9 @@
 // * dequantize_rows: out[r, i] = x_q[r, i] * x_scale[r], the int8 activations the forward
 //   saved, as the [M, K] operand in dY's dtype that cuBLAS takes for dW;
 // * scale_cast: out[i] = in[i] * scale[0] (a device scalar, no host sync), the fp32 dX
-//   product of the decoded-panel path times w_scale, into x's dtype.
+//   product of the decoded-panel path times w_scale, into x's dtype, when dY's dtype is not
+//   x's (with one dtype, the training step's case, the RMSNorm backward applies w_scale as
+//   it reads the unscaled product: RmsNormBackwardParams::grad_scale).
 #pragma once
 
 #include <cstdint>

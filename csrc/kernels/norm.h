@@ -89,6 +89,10 @@ struct RmsNormBackwardParams {
   void* dx;       // x's dtype
   void* dweight;  // weight's dtype
   void* dweight_partial;
+  // Nullable, CUDA only (the CPU kernel requires nullptr): a device fp32 scalar that
+  // multiplies grad_y as it is read, so a BitLinear's dX product reaches the norm backward
+  // unscaled in x's dtype and w_scale is applied in fp32 here (no separate scaling pass).
+  const float* grad_scale = nullptr;
 };
 
 struct RmsNormSwishGateBackwardParams {

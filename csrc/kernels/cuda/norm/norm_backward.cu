@@ -21,9 +21,11 @@ using namespace norm;
 template <class T>
 __global__ void rms_norm_bwd(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ res,
                              const T* __restrict__ gres, const void* __restrict__ w, DType wt, int64_t rows,
-                             int64_t k, float eps, T* __restrict__ dx, AccOf<T>* __restrict__ partial) {
+                             int64_t k, float eps, const float* __restrict__ gscale, T* __restrict__ dx,
+                             AccOf<T>* __restrict__ partial) {
   using A = AccOf<T>;
   __shared__ A smem[32];
+  const A gs = gscale != nullptr ? static_cast<A>(__ldg(gscale)) : A(1);
   const int64_t r0 = blockIdx.x * kNormBackwardRowsPerPartial;
   const int64_t r1 = min(rows, r0 + kNormBackwardRowsPerPartial);
   A* pr = partial + blockIdx.x * k;
@@ -38,14 +40,14 @@ __global__ void rms_norm_bwd(const T* __restrict__ dy, const T* __restrict__ x, 
     for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
       const A s = sum_at(i);
       ss += s * s;
-      dot += load_as<T, A>(dy + off, i) * load_any<A>(w, wt, i) * s;
+      dot += (load_as<T, A>(dy + off, i) * gs) * load_any<A>(w, wt, i) * s;
     }
     const A rstd = rstd_of(block_sum(ss, smem), k, eps);
     dot = block_sum(dot, smem);
     const A c = rstd * rstd * rstd * dot / static_cast<A>(k);
     for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
       const A s = sum_at(i);
-      const A d = load_as<T, A>(dy + off, i);
+      const A d = load_as<T, A>(dy + off, i) * gs;
       A v = rstd * (d * load_any<A>(w, wt, i)) - s * c;
       if (gres != nullptr) v += load_as<T, A>(gres + off, i);
       dx[off + i] = store_as<T, A>(v);
@@ -118,8 +120,10 @@ template <class T, class TW, int kVec, bool kRes>
 __global__ void __launch_bounds__(kMaxThreads) rms_norm_bwd_vec(const T* __restrict__ dy, const T* __restrict__ x,
                                                                 const T* __restrict__ res, const T* __restrict__ gres,
                                                                 const TW* __restrict__ w, int64_t rows, int64_t k,
-                                                                float eps, T* __restrict__ dx, float* __restrict__ partial) {
+                                                                float eps, const float* __restrict__ gscale,
+                                                                T* __restrict__ dx, float* __restrict__ partial) {
   constexpr int N = VecOf<T>::N;
+  const float gs = gscale != nullptr ? __ldg(gscale) : 1.f;
   constexpr int kWVec = N * static_cast<int>(sizeof(TW)) / 16;  // 16-byte weight vectors per row vector
   __shared__ float2 smem[32];
   const int64_t nvec = k / N;
@@ -182,6 +186,7 @@ __global__ void __launch_bounds__(kMaxThreads) rms_norm_bwd_vec(const T* __restr
       weights(j, wf);
 #pragma unroll
       for (int e = 0; e < N; ++e) {
+        d[e] *= gs;
         sd.x += sv[e] * sv[e];
         sd.y += d[e] * wf[e] * sv[e];
       }
@@ -200,6 +205,7 @@ __global__ void __launch_bounds__(kMaxThreads) rms_norm_bwd_vec(const T* __restr
       weights(j, wf);
 #pragma unroll
       for (int e = 0; e < N; ++e) {
+        d[e] *= gs;
         o[e] = rstd * (d[e] * wf[e]) - sv[e] * c;
         acc[j][e] += d[e] * (sv[e] * rstd);
       }
@@ -285,11 +291,11 @@ void launch_bwd_vec(const RmsNormBackwardParams& p, int64_t groups, float* parti
   auto* dx = static_cast<T*>(p.dx);
   const int grid = static_cast<int>(groups);
   if (res != nullptr) {
-    rms_norm_bwd_vec<T, TW, kVec, true><<<grid, threads, 0, stream>>>(dy, x, res, gres, w, p.rows, p.k, p.eps, dx,
-                                                                      partial);
+    rms_norm_bwd_vec<T, TW, kVec, true><<<grid, threads, 0, stream>>>(dy, x, res, gres, w, p.rows, p.k, p.eps,
+                                                                      p.grad_scale, dx, partial);
   } else {
-    rms_norm_bwd_vec<T, TW, kVec, false><<<grid, threads, 0, stream>>>(dy, x, res, gres, w, p.rows, p.k, p.eps, dx,
-                                                                       partial);
+    rms_norm_bwd_vec<T, TW, kVec, false><<<grid, threads, 0, stream>>>(dy, x, res, gres, w, p.rows, p.k, p.eps,
+                                                                       p.grad_scale, dx, partial);
   }
 }
 
@@ -334,7 +340,8 @@ cudaError_t launch_rms_norm_bwd(const RmsNormBackwardParams& p, cudaStream_t str
   if (groups > 0 && !try_bwd_vec_any_weight<T>(p, groups, partial, stream)) {
     rms_norm_bwd<T><<<static_cast<int>(groups), kGenericThreads, 0, stream>>>(
         static_cast<const T*>(p.grad_y), static_cast<const T*>(p.x), static_cast<const T*>(p.residual),
-        static_cast<const T*>(p.grad_residual), p.weight, p.w_dtype, p.rows, p.k, p.eps, static_cast<T*>(p.dx), partial);
+        static_cast<const T*>(p.grad_residual), p.weight, p.w_dtype, p.rows, p.k, p.eps, p.grad_scale,
+        static_cast<T*>(p.dx), partial);
   }
   launch_finish_dweight<A>(partial, groups, p.k, p.dweight, p.w_dtype, stream);
   return cudaGetLastError();
