@@ -106,7 +106,7 @@ bench() {  # bench <seconds> <name> <command...>
 if has bench; then
   step bench
   # BENCH picks and orders them: gemm gemm_sweep decode decode_batches prefill mlgru bitlinear
-  # train_eager train_compiled ncu_gemm (NCU_SHAPE="M:K:N ...", default 2048:2560:2560).
+  # train_eager train_compiled ncu_gemm (NCU_SHAPE="M:K:N ...", default 2048:2560:2560) profile.
   for b in ${BENCH:-gemm decode mlgru bitlinear train_eager train_compiled}; do
     case $b in
       gemm) TAIL=60 bench 90 gemm python3 benchmarks/bench_ternary_cuda.py --splitk-sweep \
@@ -137,6 +137,13 @@ if has bench; then
       train_compiled) TAIL=${TAIL_COMPILED:-14} BENCH_SIGNAL=ABRT bench ${TRAIN_COMPILED_TIMEOUT:-130} train_compiled \
                         python3 -X faulthandler benchmarks/bench_train_model.py --device cuda --modes compiled \
                         ${TRAIN_SIZES:+--sizes $TRAIN_SIZES} --json "$LOG/bench_train_model_compiled.json" ;;
+      # PROFILE="370M:eager 1.3B:compiled ...": one profiled training step each (GPU time per kernel).
+      profile) for pm in ${PROFILE:-1.3B:compiled}; do
+                 sz=${pm%%:*}; md=${pm##*:}
+                 TAIL=${TAIL_PROFILE:-45} bench 150 "profile_${sz}_${md}" python3 benchmarks/profile_train_step.py \
+                   --size "$sz" $([ "$md" = compiled ] && echo --compile) --top 30 ${PROFILE_ARGS:-} \
+                   --json "$LOG/profile_train_${sz}_${md}.json"
+               done ;;
       *) echo "unknown bench $b" ;;
     esac
   done

@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--compile", action="store_true", help="torch.compile the loss function (fullgraph)")
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--host",
+        action="store_true",
+        help="also print where the host's time goes: self CPU time per op and per CUDA runtime call",
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -124,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | ---: | ---: | ---: |")
     for name, (us, calls) in rows[: args.top]:
         print(f"| `{short(name)}` | {family(name)} | {calls} | {us / 1e3:.2f} | {100 * us / max(total, 1e-9):.1f}% |")
+    host_rows = _host_table(prof, args.top) if args.host else []
     glue = [(n, v) for n, v in rows if family(n) == "at::native"][: args.top]
     print(f"\n| at::native kernel (top {args.top}) | calls | ms |\n| --- | ---: | ---: |")
     for name, (us, calls) in glue:
@@ -139,9 +145,32 @@ def main(argv: list[str] | None = None) -> int:
             "families_ms": {k: v / 1e3 for k, v in fam_us.items()},
             "kernels": [{"name": n, "family": family(n), "calls": c, "ms": us / 1e3} for n, (us, c) in rows],
         }
+        if host_rows:
+            out["host"] = host_rows
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)
     return 0
+
+
+def _host_table(prof: profile, top: int) -> list[dict]:
+    """Self CPU time per host event (ops, autograd nodes, CUDA runtime calls), printed and returned.
+
+    The step is host-bound when this total is near its wall time: the rows say which op calls
+    and which runtime calls (cudaLaunchKernel, ...) the host spends it on.
+    """
+    per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for ev in prof.key_averages():
+        if ev.device_type != torch.autograd.DeviceType.CPU or "#" in ev.key:
+            continue
+        per[ev.key][0] += ev.self_cpu_time_total
+        per[ev.key][1] += ev.count
+    total = sum(v[0] for v in per.values())
+    rows = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
+    print(f"\n| host event (top {top} by self CPU time; all: {total / 1e3:.1f} ms) | calls | ms | us/call |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, (us, calls) in rows:
+        print(f"| `{short(name, 80)}` | {calls} | {us / 1e3:.2f} | {us / max(calls, 1):.1f} |")
+    return [{"name": n, "calls": c, "ms": us / 1e3} for n, (us, c) in rows]
 
 
 if __name__ == "__main__":
