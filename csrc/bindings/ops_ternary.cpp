@@ -306,8 +306,9 @@ Tensor ternary_matmul_t_cuda(const Tensor& grad, Tensor packed, const Tensor& w_
 }
 
 // grad @ W_q in grad's dtype, w_scale NOT applied: the panels product with cuBLAS writing
-// grad's dtype directly (fp32 accumulation; split-K reductions as torch allows them), for a consumer that applies w_scale itself as it
-// reads the product (the BitLinear backward's RMSNorm: rms_norm_backward_scaled). Saves the
+// grad's dtype directly (fp32 accumulation; split-K reductions as torch allows them), for a
+// consumer that applies w_scale itself as it reads the product (the BitLinear backward's
+// RMSNorm: rms_norm_backward_scaled). Saves the
 // fp32 [M, K] product and the pass that scaled and cast it (152 passes, 4.6 ms of a 1.3B
 // training step on the H200). grad: [M, N] contiguous, 16-bit or fp32.
 Tensor ternary_matmul_t_unscaled_cuda(const Tensor& grad, Tensor packed, int64_t in_features) {
